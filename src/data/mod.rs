@@ -1,0 +1,5 @@
+//! Images from disk to model inputs.
+
+pub mod decode;
+pub mod jpeg;
+pub mod resize;

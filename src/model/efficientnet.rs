@@ -1,0 +1,342 @@
+//! EfficientNet-B0 with the NDL tagger's head, laid out exactly like the Keras original
+//! (`efficientnet` 1.1.1 `EfficientNetB0(include_top=False)` + GlobalAveragePooling + Dense 512 +
+//! Dense 512 relu + Dense N sigmoid).
+//!
+//! Every parameter lives in the `VarStore` under the Keras layer name (`stem_conv.weight`,
+//! `block2a_expand_bn.running_mean`, `dense_2.bias`, ...), so importing and exporting Keras HDF5
+//! files is a renaming of the last path component and a transposition.
+
+use tch::nn::{self, Module, ModuleT};
+use tch::Tensor;
+
+/// One stage of EfficientNet-B0 (`DEFAULT_BLOCKS_ARGS` of the Keras package).
+#[derive(Clone, Copy, Debug)]
+pub struct StageArgs {
+    pub kernel: i64,
+    pub repeats: usize,
+    pub input_filters: i64,
+    pub output_filters: i64,
+    pub expand_ratio: i64,
+    pub stride: i64,
+}
+
+/// The seven stages of B0: (kernel, repeats, in, out, expand, stride); SE ratio 0.25 everywhere.
+pub const B0_STAGES: [StageArgs; 7] = [
+    stage(3, 1, 32, 16, 1, 1),
+    stage(3, 2, 16, 24, 6, 2),
+    stage(5, 2, 24, 40, 6, 2),
+    stage(3, 3, 40, 80, 6, 2),
+    stage(5, 3, 80, 112, 6, 1),
+    stage(5, 4, 112, 192, 6, 2),
+    stage(3, 1, 192, 320, 6, 1),
+];
+
+const fn stage(k: i64, r: usize, i: i64, o: i64, e: i64, s: i64) -> StageArgs {
+    StageArgs {
+        kernel: k,
+        repeats: r,
+        input_filters: i,
+        output_filters: o,
+        expand_ratio: e,
+        stride: s,
+    }
+}
+
+/// Keras defaults for `BatchNormalization`: epsilon 1e-3, momentum 0.99 (0.01 in torch terms).
+pub const BN_EPS: f64 = 1e-3;
+pub const BN_MOMENTUM: f64 = 0.01;
+pub const SE_RATIO: f64 = 0.25;
+pub const STEM_FILTERS: i64 = 32;
+pub const TOP_FILTERS: i64 = 1280;
+pub const HEAD_WIDTH: i64 = 512;
+
+/// The architecture's free settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TaggerConfig {
+    /// Number of sigmoid outputs (labels).
+    pub num_classes: i64,
+    /// Drop-connect (stochastic depth) rate of the last block; block `i` of 16 uses `rate * i / 16`.
+    pub drop_connect: f64,
+}
+
+impl Default for TaggerConfig {
+    fn default() -> Self {
+        TaggerConfig {
+            num_classes: 11,
+            drop_connect: 0.2,
+        }
+    }
+}
+
+/// `tf.nn.swish`.
+fn swish(x: &Tensor) -> Tensor {
+    x.silu()
+}
+
+/// A convolution with TensorFlow's "same" padding. Stride 1 pads symmetrically inside the
+/// convolution; larger strides pad explicitly, with the extra pixel after (right/bottom), as TF
+/// does.
+#[derive(Debug)]
+pub struct SameConv {
+    conv: nn::Conv2D,
+    kernel: i64,
+    stride: i64,
+}
+
+impl SameConv {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, groups: i64, bias: bool) -> Self {
+        let cfg = nn::ConvConfig {
+            stride,
+            padding: if stride == 1 { kernel / 2 } else { 0 },
+            groups,
+            bias,
+            ..Default::default()
+        };
+        SameConv {
+            conv: nn::conv2d(p, c_in, c_out, kernel, cfg),
+            kernel,
+            stride,
+        }
+    }
+}
+
+/// TF "same" padding of one spatial axis: (before, after).
+pub fn same_padding(size: i64, kernel: i64, stride: i64) -> (i64, i64) {
+    let out = (size + stride - 1) / stride;
+    let total = ((out - 1) * stride + kernel - size).max(0);
+    (total / 2, total - total / 2)
+}
+
+impl Module for SameConv {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        if self.stride == 1 {
+            return xs.apply(&self.conv);
+        }
+        let size = xs.size();
+        let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
+        let (top, bottom) = same_padding(h, self.kernel, self.stride);
+        let (left, right) = same_padding(w, self.kernel, self.stride);
+        xs.constant_pad_nd([left, right, top, bottom]).apply(&self.conv)
+    }
+}
+
+fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
+    let cfg = nn::BatchNormConfig {
+        eps: BN_EPS,
+        momentum: BN_MOMENTUM,
+        ..Default::default()
+    };
+    nn::batch_norm2d(p, c, cfg)
+}
+
+/// The mobile inverted bottleneck block (`mb_conv_block`).
+#[derive(Debug)]
+pub struct MbConv {
+    pub name: String,
+    expand: Option<(SameConv, nn::BatchNorm)>,
+    dwconv: SameConv,
+    bn: nn::BatchNorm,
+    se_reduce: SameConv,
+    se_expand: SameConv,
+    project_conv: SameConv,
+    project_bn: nn::BatchNorm,
+    residual: bool,
+    drop_rate: f64,
+}
+
+impl MbConv {
+    fn new(root: &nn::Path, name: &str, args: &StageArgs, c_in: i64, stride: i64, drop_rate: f64) -> Self {
+        let filters = c_in * args.expand_ratio;
+        let p = |suffix: &str| root / format!("{name}_{suffix}");
+        let expand = (args.expand_ratio != 1).then(|| {
+            (
+                SameConv::new(p("expand_conv"), c_in, filters, 1, 1, 1, false),
+                batch_norm(p("expand_bn"), filters),
+            )
+        });
+        let se_filters = ((c_in as f64 * SE_RATIO) as i64).max(1);
+        MbConv {
+            name: name.to_string(),
+            expand,
+            dwconv: SameConv::new(p("dwconv"), filters, filters, args.kernel, stride, filters, false),
+            bn: batch_norm(p("bn"), filters),
+            se_reduce: SameConv::new(p("se_reduce"), filters, se_filters, 1, 1, 1, true),
+            se_expand: SameConv::new(p("se_expand"), se_filters, filters, 1, 1, 1, true),
+            project_conv: SameConv::new(p("project_conv"), filters, args.output_filters, 1, 1, 1, false),
+            project_bn: batch_norm(p("project_bn"), args.output_filters),
+            residual: stride == 1 && c_in == args.output_filters,
+            drop_rate,
+        }
+    }
+}
+
+/// Drop-connect as Keras writes it: `Dropout(rate, noise_shape=(None, 1, 1, 1))`, which keeps
+/// each sample's residual branch with probability `1 - rate` and scales it by `1 / (1 - rate)`.
+pub fn drop_connect(xs: &Tensor, rate: f64, train: bool) -> Tensor {
+    if !train || rate <= 0.0 {
+        return xs.shallow_clone();
+    }
+    let keep = 1.0 - rate;
+    let n = xs.size()[0];
+    let mask = Tensor::rand([n, 1, 1, 1], (xs.kind(), xs.device())).ge(rate).to_kind(xs.kind());
+    xs * mask / keep
+}
+
+impl ModuleT for MbConv {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut x = match &self.expand {
+            Some((conv, bn)) => swish(&xs.apply(conv).apply_t(bn, train)),
+            None => xs.shallow_clone(),
+        };
+        x = swish(&x.apply(&self.dwconv).apply_t(&self.bn, train));
+        let se = x.adaptive_avg_pool2d([1, 1]);
+        let se = swish(&se.apply(&self.se_reduce)).apply(&self.se_expand).sigmoid();
+        x = (x * se).apply(&self.project_conv).apply_t(&self.project_bn, train);
+        if self.residual {
+            x = drop_connect(&x, self.drop_rate, train) + xs;
+        }
+        x
+    }
+}
+
+/// EfficientNet-B0 backbone + the NDL head. `forward_t` returns logits; apply a sigmoid for the
+/// probabilities the Keras model outputs.
+#[derive(Debug)]
+pub struct Tagger {
+    pub config: TaggerConfig,
+    stem_conv: SameConv,
+    stem_bn: nn::BatchNorm,
+    blocks: Vec<MbConv>,
+    top_conv: SameConv,
+    top_bn: nn::BatchNorm,
+    dense: nn::Linear,
+    dense_1: nn::Linear,
+    dense_2: nn::Linear,
+}
+
+/// Keras block names and their drop-connect rates in order: `block1a`, `block2a`, `block2b`, ...
+pub fn block_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, s) in B0_STAGES.iter().enumerate() {
+        for r in 0..s.repeats {
+            names.push(format!("block{}{}", i + 1, (b'a' + r as u8) as char));
+        }
+    }
+    names
+}
+
+impl Tagger {
+    pub fn new(root: &nn::Path, config: TaggerConfig) -> Self {
+        let stem_conv = SameConv::new(root / "stem_conv", 3, STEM_FILTERS, 3, 2, 1, false);
+        let stem_bn = batch_norm(root / "stem_bn", STEM_FILTERS);
+        let names = block_names();
+        let total = names.len() as f64;
+        let mut blocks = Vec::with_capacity(names.len());
+        let mut names = names.into_iter();
+        for args in B0_STAGES.iter() {
+            for r in 0..args.repeats {
+                let index = blocks.len() as f64;
+                let (c_in, stride) = if r == 0 {
+                    (args.input_filters, args.stride)
+                } else {
+                    (args.output_filters, 1)
+                };
+                let name = names.next().expect("one name per block");
+                let rate = config.drop_connect * index / total;
+                blocks.push(MbConv::new(root, &name, args, c_in, stride, rate));
+            }
+        }
+        let last = B0_STAGES[B0_STAGES.len() - 1].output_filters;
+        let top_conv = SameConv::new(root / "top_conv", last, TOP_FILTERS, 1, 1, 1, false);
+        let top_bn = batch_norm(root / "top_bn", TOP_FILTERS);
+        let lin = Default::default();
+        Tagger {
+            config,
+            stem_conv,
+            stem_bn,
+            blocks,
+            top_conv,
+            top_bn,
+            dense: nn::linear(root / "dense", TOP_FILTERS, HEAD_WIDTH, lin),
+            dense_1: nn::linear(root / "dense_1", HEAD_WIDTH, HEAD_WIDTH, lin),
+            dense_2: nn::linear(root / "dense_2", HEAD_WIDTH, config.num_classes, lin),
+        }
+    }
+
+    pub fn blocks(&self) -> &[MbConv] {
+        &self.blocks
+    }
+
+    /// The pooled 1280-wide features of the backbone.
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut x = swish(&xs.apply(&self.stem_conv).apply_t(&self.stem_bn, train));
+        for block in &self.blocks {
+            x = x.apply_t(block, train);
+        }
+        x = swish(&x.apply(&self.top_conv).apply_t(&self.top_bn, train));
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+}
+
+impl ModuleT for Tagger {
+    /// `xs`: float NCHW in [0, 1], BGR channel order. Returns logits (N, num_classes).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.features_t(xs, train)
+            .apply(&self.dense)
+            .apply(&self.dense_1)
+            .relu()
+            .apply(&self.dense_2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        assert_eq!(same_padding(224, 3, 2), (0, 1));
+        assert_eq!(same_padding(28, 5, 2), (1, 2));
+        assert_eq!(same_padding(7, 3, 2), (1, 1));
+        assert_eq!(same_padding(7, 5, 2), (2, 2));
+        assert_eq!(same_padding(15, 3, 1), (1, 1));
+    }
+
+    #[test]
+    fn block_names_follow_keras() {
+        let names = block_names();
+        assert_eq!(names.len(), 16);
+        assert_eq!(&names[..4], ["block1a", "block2a", "block2b", "block3a"]);
+        assert_eq!(names[15], "block7a");
+    }
+
+    #[test]
+    fn shapes_and_parameter_names() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let model = Tagger::new(&vs.root(), TaggerConfig::default());
+        let vars = vs.variables();
+        assert!(vars.contains_key("stem_conv.weight"));
+        assert!(vars.contains_key("block1a_se_reduce.bias"));
+        assert!(!vars.contains_key("block1a_expand_conv.weight"));
+        assert_eq!(vars["block2a_se_reduce.weight"].size(), [4, 96, 1, 1]);
+        assert_eq!(vars["block6d_dwconv.weight"].size(), [1152, 1, 5, 5]);
+        assert_eq!(vars["dense_2.weight"].size(), [11, 512]);
+        let trainable: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        // EfficientNet-B0 without top (4,007,548 trainable) + 1280*512+512 + 512*512+512 + 512*11+11.
+        assert_eq!(trainable, 4_007_548 + 655_872 + 262_656 + 5_643);
+        let out = tch::no_grad(|| model.forward_t(&Tensor::zeros([2, 3, 64, 48], tch::kind::FLOAT_CPU), false));
+        assert_eq!(out.size(), [2, 11]);
+    }
+
+    #[test]
+    fn drop_connect_keeps_whole_samples_and_rescales() {
+        tch::manual_seed(3);
+        let x = Tensor::ones([64, 2, 3, 3], tch::kind::FLOAT_CPU);
+        let y = drop_connect(&x, 0.25, true);
+        let per_sample = y.sum_dim_intlist([1, 2, 3].as_slice(), false, tch::Kind::Float);
+        for v in Vec::<f32>::try_from(&per_sample).unwrap() {
+            assert!(v == 0.0 || (v - 18.0 / 0.75).abs() < 1e-4, "{v}");
+        }
+        assert!(drop_connect(&x, 0.25, false).equal(&x));
+    }
+}

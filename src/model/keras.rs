@@ -1,0 +1,377 @@
+//! Keras legacy HDF5 weights: reading (full-model files with `model_weights/`, weights-only files,
+//! backbone-only "notop" files) and writing the weights-only layout that Keras'
+//! `model.load_weights` reads back.
+//!
+//! A Keras layer `L` holds its tensors in `L/<weight name>`, listed in the group's `weight_names`
+//! attribute (`stem_conv/kernel:0`, ...). The model keeps each tensor under
+//! `L.<torch name>` (see [`torch_param_name`]), transposed to libtorch's layout.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
+use tch::{nn::VarStore, Tensor};
+
+use super::efficientnet::block_names;
+
+/// Layer names of the head on top of the backbone, in order.
+pub const HEAD_LAYERS: [&str; 3] = ["dense", "dense_1", "dense_2"];
+
+/// What went wrong reading or applying a Keras file. Each message names the file and the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum KerasError {
+    #[error("{file}: not an HDF5 file or unreadable ({reason})")]
+    Open { file: String, reason: String },
+    #[error("{file}: not a Keras weights file: {reason}")]
+    Layout { file: String, reason: String },
+    #[error("{file}: tensor {tensor}: {reason}")]
+    Tensor {
+        file: String,
+        tensor: String,
+        reason: String,
+    },
+    #[error("{file}: tensor {tensor} has shape {found:?}, the model expects {expected:?}")]
+    Shape {
+        file: String,
+        tensor: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{file}: unexpected tensor {tensor}: the model has no such parameter (is this an EfficientNet-B0 tagger?)")]
+    Unexpected { file: String, tensor: String },
+    #[error("{file}: missing tensor {tensor} ({count} of the model's tensors are absent)")]
+    Missing {
+        file: String,
+        tensor: String,
+        count: usize,
+    },
+    #[error("{file}: cannot write: {reason}")]
+    Write { file: String, reason: String },
+}
+
+/// How the file was laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KerasLayout {
+    /// `model.save` / ModelCheckpoint: layers under `model_weights/`, optimizer state beside.
+    FullModel,
+    /// `model.save_weights`: layer groups at the root.
+    WeightsOnly,
+}
+
+/// One tensor read from a Keras file.
+#[derive(Clone, Debug)]
+pub struct KerasTensor {
+    /// `layer/weight:0` as in `weight_names` but with the file's layer group name in front.
+    pub name: String,
+    pub layer: String,
+    /// The last component of the weight name without `:0` (`kernel`, `gamma`, ...).
+    pub param: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The weights of a Keras file, in the file's layer order.
+#[derive(Debug)]
+pub struct KerasWeights {
+    pub file: String,
+    pub layout: KerasLayout,
+    pub tensors: Vec<KerasTensor>,
+}
+
+/// What [`apply`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportReport {
+    pub layout: KerasLayout,
+    /// Tensors copied into the model.
+    pub applied: usize,
+    /// False for a backbone-only file: the head keeps its initial values.
+    pub head_loaded: bool,
+    /// Renamings done to match the file's head layers to the model's (`dense_3 -> dense`).
+    pub renamed: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ImportReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layout = match self.layout {
+            KerasLayout::FullModel => "Keras full model",
+            KerasLayout::WeightsOnly => "Keras weights",
+        };
+        write!(f, "{layout}: {} tensors loaded", self.applied)?;
+        if !self.head_loaded {
+            write!(f, " (backbone only; the dense head keeps its initial weights)")?;
+        }
+        for (from, to) in &self.renamed {
+            write!(f, "; layer {from} loaded as {to}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The libtorch name of a Keras parameter.
+pub fn torch_param_name(param: &str) -> Option<&'static str> {
+    Some(match param {
+        "kernel" | "depthwise_kernel" | "gamma" => "weight",
+        "bias" | "beta" => "bias",
+        "moving_mean" => "running_mean",
+        "moving_variance" => "running_var",
+        _ => return None,
+    })
+}
+
+/// The Keras parameter name of a libtorch parameter of the given layer.
+fn keras_param_name(layer: &str, torch: &str) -> &'static str {
+    let is_bn = layer.ends_with("_bn");
+    match (torch, is_bn) {
+        ("weight", true) => "gamma",
+        ("bias", true) => "beta",
+        ("running_mean", _) => "moving_mean",
+        ("running_var", _) => "moving_variance",
+        ("weight", false) if layer.ends_with("_dwconv") => "depthwise_kernel",
+        ("weight", false) => "kernel",
+        _ => "bias",
+    }
+}
+
+/// Permutation taking a Keras tensor to libtorch's layout (and its inverse for export).
+fn keras_to_torch(t: &Tensor, param: &str) -> Tensor {
+    match (param, t.dim()) {
+        // (kh, kw, in, out) -> (out, in, kh, kw)
+        ("kernel", 4) => t.permute([3, 2, 0, 1]),
+        // (kh, kw, channels, 1) -> (channels, 1, kh, kw)
+        ("depthwise_kernel", 4) => t.permute([2, 3, 0, 1]),
+        // (in, out) -> (out, in)
+        ("kernel", 2) => t.transpose(0, 1),
+        _ => t.shallow_clone(),
+    }
+}
+
+fn torch_to_keras(t: &Tensor, param: &str) -> Tensor {
+    match (param, t.dim()) {
+        ("kernel", 4) => t.permute([2, 3, 1, 0]),
+        ("depthwise_kernel", 4) => t.permute([2, 3, 0, 1]),
+        ("kernel", 2) => t.transpose(0, 1),
+        _ => t.shallow_clone(),
+    }
+}
+
+/// Reads a list of strings stored as variable- or fixed-length ASCII/UTF-8 (h5py writes both,
+/// depending on its version). An empty numeric array (h5py's way of writing an empty list) gives
+/// an empty list.
+fn read_strings(attr: &hdf5::Attribute) -> hdf5::Result<Vec<String>> {
+    let descriptor = attr.dtype()?.to_descriptor()?;
+    let strip = |s: &str| s.trim_end_matches('\0').to_string();
+    Ok(match descriptor {
+        TypeDescriptor::VarLenAscii => attr.read_raw::<VarLenAscii>()?.iter().map(|s| strip(s.as_str())).collect(),
+        TypeDescriptor::VarLenUnicode => attr.read_raw::<VarLenUnicode>()?.iter().map(|s| strip(s.as_str())).collect(),
+        TypeDescriptor::FixedAscii(_) => attr
+            .read_raw::<hdf5::types::FixedAscii<1024>>()?
+            .iter()
+            .map(|s| strip(s.as_str()))
+            .collect(),
+        TypeDescriptor::FixedUnicode(_) => attr
+            .read_raw::<hdf5::types::FixedUnicode<1024>>()?
+            .iter()
+            .map(|s| strip(s.as_str()))
+            .collect(),
+        _ if attr.size() == 0 => Vec::new(),
+        other => return Err(format!("expected strings, found {other}").into()),
+    })
+}
+
+/// Reads every weight tensor of a Keras legacy HDF5 file.
+pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
+    let file_name = path.display().to_string();
+    let layout_err = |reason: String| KerasError::Layout {
+        file: file_name.clone(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(KerasError::Open {
+            file: file_name,
+            reason: "no such file".into(),
+        });
+    }
+    let file = hdf5::File::open(path).map_err(|e| KerasError::Open {
+        file: file_name.clone(),
+        reason: e.to_string(),
+    })?;
+    let (root, layout) = match file.group("model_weights") {
+        Ok(g) => (g, KerasLayout::FullModel),
+        Err(_) => (file.as_group().map_err(|e| layout_err(e.to_string()))?, KerasLayout::WeightsOnly),
+    };
+    let layer_names = root
+        .attr("layer_names")
+        .and_then(|a| read_strings(&a))
+        .map_err(|e| layout_err(format!("no readable layer_names attribute ({e})")))?;
+    let mut tensors = Vec::new();
+    for layer in layer_names {
+        let group = root
+            .group(&layer)
+            .map_err(|e| layout_err(format!("layer {layer} is listed but has no group ({e})")))?;
+        let weight_names = group
+            .attr("weight_names")
+            .and_then(|a| read_strings(&a))
+            .map_err(|e| layout_err(format!("layer {layer} has no readable weight_names ({e})")))?;
+        for weight in weight_names {
+            let name = format!("{layer}/{weight}");
+            let tensor_err = |reason: String| KerasError::Tensor {
+                file: file_name.clone(),
+                tensor: name.clone(),
+                reason,
+            };
+            let ds = group.dataset(&weight).map_err(|e| tensor_err(e.to_string()))?;
+            let data = ds.read_raw::<f32>().map_err(|e| tensor_err(e.to_string()))?;
+            let last = weight.rsplit('/').next().unwrap_or(&weight);
+            let param = last.split(':').next().unwrap_or(last).to_string();
+            tensors.push(KerasTensor {
+                name: name.clone(),
+                layer: layer.clone(),
+                param,
+                shape: ds.shape(),
+                data,
+            });
+        }
+    }
+    if tensors.is_empty() {
+        return Err(layout_err("it holds no weight tensors".into()));
+    }
+    Ok(KerasWeights {
+        file: file_name,
+        layout,
+        tensors,
+    })
+}
+
+/// The file's head layers renamed to the model's, when the file names them differently (a Keras
+/// session that built several models numbers its Dense layers `dense_3`, `dense_4`, ...): its
+/// layers with a 2-D kernel, in file order, become `dense`, `dense_1`, `dense_2`.
+fn head_renaming(weights: &KerasWeights) -> Vec<(String, String)> {
+    let dense: Vec<&str> = weights
+        .tensors
+        .iter()
+        .filter(|t| t.param == "kernel" && t.shape.len() == 2)
+        .map(|t| t.layer.as_str())
+        .collect();
+    if dense.len() != HEAD_LAYERS.len() || dense.iter().zip(HEAD_LAYERS).all(|(a, b)| *a == b) {
+        return Vec::new();
+    }
+    dense
+        .iter()
+        .zip(HEAD_LAYERS)
+        .filter(|(a, b)| **a != *b)
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// Copies Keras weights into a model's VarStore. Refuses a file with a tensor the model lacks, a
+/// tensor of the wrong shape or a missing tensor; a file without any head tensor (a backbone-only
+/// "notop" file) leaves the head as it is.
+pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, KerasError> {
+    let vars = vs.variables();
+    let renamed = head_renaming(weights);
+    let rename = |layer: &str| -> String {
+        renamed
+            .iter()
+            .find(|(from, _)| from == layer)
+            .map(|(_, to)| to.clone())
+            .unwrap_or_else(|| layer.to_string())
+    };
+    // Check everything before touching the model, so a refused file leaves it unchanged.
+    let mut plan = Vec::with_capacity(weights.tensors.len());
+    let mut seen = BTreeSet::new();
+    for t in &weights.tensors {
+        let unexpected = || KerasError::Unexpected {
+            file: weights.file.clone(),
+            tensor: t.name.clone(),
+        };
+        let torch = torch_param_name(&t.param).ok_or_else(unexpected)?;
+        let key = format!("{}.{torch}", rename(&t.layer));
+        let var = vars.get(&key).ok_or_else(unexpected)?;
+        let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        let value = keras_to_torch(&Tensor::from_slice(&t.data).reshape(&dims), &t.param);
+        if value.size() != var.size() {
+            let expected = torch_to_keras(&var.zeros_like(), &t.param).size();
+            return Err(KerasError::Shape {
+                file: weights.file.clone(),
+                tensor: t.name.clone(),
+                found: t.shape.clone(),
+                expected: expected.iter().map(|&d| d as usize).collect(),
+            });
+        }
+        if !seen.insert(key.clone()) {
+            return Err(KerasError::Tensor {
+                file: weights.file.clone(),
+                tensor: t.name.clone(),
+                reason: "appears twice".into(),
+            });
+        }
+        plan.push((key, value));
+    }
+    let is_head = |key: &str| HEAD_LAYERS.iter().any(|h| key.split('.').next() == Some(*h));
+    let head_loaded = seen.iter().any(|k| is_head(k));
+    let missing: Vec<&String> = vars
+        .keys()
+        .filter(|k| !seen.contains(*k) && (head_loaded || !is_head(k)))
+        .collect();
+    let first_missing = keras_layers(vs)
+        .into_iter()
+        .flat_map(|(layer, params)| params.into_iter().map(move |(p, key)| (format!("{layer}/{p}:0"), key)))
+        .find(|(_, key)| missing.contains(&key));
+    if let Some((tensor, _)) = first_missing {
+        return Err(KerasError::Missing {
+            file: weights.file.clone(),
+            tensor,
+            count: missing.len(),
+        });
+    }
+    tch::no_grad(|| {
+        for (key, value) in &plan {
+            let mut var = vars[key].shallow_clone();
+            var.copy_(&value.to_kind(var.kind()).to_device(var.device()));
+        }
+    });
+    Ok(ImportReport {
+        layout: weights.layout,
+        applied: plan.len(),
+        head_loaded,
+        renamed,
+    })
+}
+
+/// Reads a Keras file and applies it to the model (see [`apply`]).
+pub fn load(path: &Path, vs: &VarStore) -> Result<ImportReport, KerasError> {
+    apply(&read(path)?, vs)
+}
+
+/// The model's layers in the order the Keras original creates them (the order of its
+/// `layer_names`), each with `(keras param, VarStore key)` pairs in Keras weight order. Layers the
+/// VarStore lacks (`block1a` has no expansion) are left out.
+pub fn keras_layers(vs: &VarStore) -> Vec<(String, Vec<(String, String)>)> {
+    let vars = vs.variables();
+    let mut names = vec!["stem_conv".to_string(), "stem_bn".to_string()];
+    for block in block_names() {
+        for part in [
+            "expand_conv", "expand_bn", "dwconv", "bn", "se_reduce", "se_expand", "project_conv", "project_bn",
+        ] {
+            names.push(format!("{block}_{part}"));
+        }
+    }
+    names.extend(["top_conv", "top_bn"].map(String::from));
+    names.extend(HEAD_LAYERS.map(String::from));
+    let params = ["weight", "bias", "running_mean", "running_var"];
+    names
+        .into_iter()
+        .filter_map(|layer| {
+            let present: Vec<(String, String)> = params
+                .iter()
+                .map(|p| format!("{layer}.{p}"))
+                .filter(|key| vars.contains_key(key))
+                .map(|key| {
+                    let torch = key.split_once('.').map(|(_, t)| t).unwrap_or("");
+                    (keras_param_name(&layer, torch).to_string(), key)
+                })
+                .collect();
+            (!present.is_empty()).then_some((layer, present))
+        })
+        .collect()
+}

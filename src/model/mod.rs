@@ -1,0 +1,4 @@
+//! The network, its Keras weights and our checkpoints.
+
+pub mod efficientnet;
+pub mod keras;

@@ -1,0 +1,67 @@
+//! The Keras oracle is the judge: our preprocessing and model must reproduce what real Keras
+//! computed from the original model.
+
+mod common;
+
+use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+use trainer::data::decode::load_resized;
+use trainer::model::efficientnet::{Tagger, TaggerConfig};
+use trainer::model::keras::{self, KerasLayout};
+
+fn oracle_inputs() -> Tensor {
+    Tensor::read_npy(common::oracle().join("inputs_224_bgr_u8.npy")).expect("inputs npy")
+}
+
+#[test]
+fn resize_equals_opencv_byte_for_byte() {
+    let expected = oracle_inputs();
+    assert_eq!(expected.size(), [96, 224, 224, 3]);
+    let images = common::oracle_images();
+    assert_eq!(images.len(), 96);
+    let mut bad = Vec::new();
+    for (i, path) in images.iter().enumerate() {
+        let ours = load_resized(path, 224).expect("decodes");
+        let theirs = Vec::<u8>::try_from(expected.get(i as i64).flatten(0, -1)).unwrap();
+        let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+        if differing > 0 {
+            let max = ours.iter().zip(&theirs).map(|(a, b)| (*a as i32 - *b as i32).abs()).max();
+            bad.push(format!("{}: {differing} bytes differ (max {max:?})", path.display()));
+        }
+    }
+    assert!(bad.is_empty(), "{} of 96 images differ:\n{}", bad.len(), bad.join("\n"));
+}
+
+fn probs_from(file: &str) -> (Tensor, keras::ImportReport) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Tagger::new(&vs.root(), TaggerConfig::default());
+    let report = keras::load(&common::oracle().join(file), &vs).expect("loads");
+    let x = oracle_inputs().permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+    let probs = tch::no_grad(|| {
+        Tensor::cat(&x.split(16, 0).iter().map(|b| model.forward_t(b, false).sigmoid()).collect::<Vec<_>>(), 0)
+    });
+    (probs, report)
+}
+
+fn max_abs_diff_to_oracle(probs: &Tensor) -> f64 {
+    let expected = Tensor::read_npy(common::oracle().join("probs.npy")).unwrap();
+    assert_eq!(expected.size(), [96, 11]);
+    (probs - expected).abs().max().double_value(&[])
+}
+
+#[test]
+fn full_model_file_gives_oracle_probabilities() {
+    let (probs, report) = probs_from("ndl_b0_model.hdf5");
+    assert_eq!(report.layout, KerasLayout::FullModel);
+    assert!(report.head_loaded);
+    assert_eq!(report.applied, 315);
+    let diff = max_abs_diff_to_oracle(&probs);
+    assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
+}
+
+#[test]
+fn weights_only_file_gives_oracle_probabilities() {
+    let (probs, report) = probs_from("ndl_b0_weights.h5");
+    assert_eq!(report.layout, KerasLayout::WeightsOnly);
+    let diff = max_abs_diff_to_oracle(&probs);
+    assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
+}
