@@ -1,4 +1,11 @@
-//! `trainer`: train, evaluate and run the NDL illustration tagger (EfficientNet-B0).
+//! `trainer`: train, evaluate and run the NDL illustration tagger (EfficientNet-B0), compatible
+//! with the original Keras scripts.
 
+pub mod cli;
+pub mod commands;
 pub mod data;
+pub mod device;
+pub mod fsutil;
+pub mod infer;
 pub mod model;
+pub mod progress;

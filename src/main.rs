@@ -1,1 +1,19 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::Parser;
+use trainer::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    trainer::progress::install_ctrlc_handler();
+    let result = match cli.command {
+        Command::Infer(args) => trainer::commands::infer(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

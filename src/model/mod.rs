@@ -2,3 +2,95 @@
 
 pub mod efficientnet;
 pub mod keras;
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::data::taxonomy::Taxonomy;
+use efficientnet::{Tagger, TaggerConfig};
+
+/// The threshold of the original batch tagger.
+pub const DEFAULT_INFER_THRESHOLD: f32 = 0.4;
+/// The input size of the original model.
+pub const DEFAULT_IMAGE_SIZE: usize = 224;
+
+/// A model ready to predict, with everything needed to feed it and read its outputs.
+pub struct LoadedModel {
+    pub vs: nn::VarStore,
+    pub net: Tagger,
+    pub taxonomy: Taxonomy,
+    /// Per-label thresholds to apply when the user gives none.
+    pub thresholds: Vec<f32>,
+    pub image_size: usize,
+    /// What was loaded, for messages.
+    pub description: String,
+}
+
+const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
+
+/// True when the file starts with the HDF5 signature.
+pub fn is_hdf5(path: &Path) -> bool {
+    let mut head = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map(|_| head == HDF5_SIGNATURE)
+        .unwrap_or(false)
+}
+
+impl LoadedModel {
+    /// Loads a model for inference from a Keras HDF5 file (the published NDL weights: NDL labels,
+    /// 224x224 BGR input, threshold 0.4).
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        if !path.is_file() {
+            bail!("weights file {} does not exist", path.display());
+        }
+        if !is_hdf5(path) {
+            bail!("{}: unknown weights format (expected a Keras .hdf5/.h5 file)", path.display());
+        }
+        let taxonomy = Taxonomy::ndl();
+        let vs = nn::VarStore::new(device);
+        let config = TaggerConfig {
+            num_classes: taxonomy.labels.len() as i64,
+            ..Default::default()
+        };
+        let net = Tagger::new(&vs.root(), config);
+        let report = keras::load(path, &vs)?;
+        if !report.head_loaded {
+            bail!(
+                "{}: holds only the backbone (no dense head), so it cannot tag images; train a model with `trainer fit --init {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        let thresholds = vec![DEFAULT_INFER_THRESHOLD; taxonomy.labels.len()];
+        Ok(LoadedModel {
+            vs,
+            net,
+            taxonomy,
+            thresholds,
+            image_size: DEFAULT_IMAGE_SIZE,
+            description: format!("{} ({report})", path.display()),
+        })
+    }
+
+    /// Probabilities for a batch of preprocessed images (`n * size * size * 3` BGR bytes).
+    pub fn predict(&self, pixels: &[u8], n: usize) -> Vec<f32> {
+        let s = self.image_size as i64;
+        let x = Tensor::from_slice(pixels)
+            .view([n as i64, s, s, 3])
+            .to_device(self.vs.device())
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 255.0;
+        let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&self.net, &x, false).sigmoid());
+        Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1)).expect("float probabilities")
+    }
+}
+
+/// Makes sure a failed load names the file.
+pub fn load_for_inference(path: &Path, device: Device) -> Result<LoadedModel> {
+    LoadedModel::load(path, device).with_context(|| format!("cannot load weights from {}", path.display()))
+}
