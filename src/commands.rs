@@ -32,9 +32,6 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
         rate,
         device::describe(device)
     );
-    for (path, _) in &s.skipped {
-        eprintln!("  skipped: {}", path.display());
-    }
     if s.interrupted {
         eprintln!("interrupted: the JSON files written are complete; run the same command again to redo the rest");
         return Ok(ExitCode::from(130));
