@@ -7,5 +7,6 @@ pub mod data;
 pub mod device;
 pub mod fsutil;
 pub mod infer;
+pub mod metrics;
 pub mod model;
 pub mod progress;

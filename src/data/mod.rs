@@ -1,6 +1,9 @@
 //! Images from disk to model inputs.
 
+pub mod augment;
+pub mod dataset;
 pub mod decode;
 pub mod taxonomy;
 pub mod jpeg;
 pub mod resize;
+pub mod split;

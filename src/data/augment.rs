@@ -1,0 +1,234 @@
+//! The original's training augmentations (albumentations, in order) as batched tensor operations
+//! on the training device. Random parameters are drawn per image from a seeded generator on the
+//! host, so a run is the same on CPU and GPU and after a resume.
+//!
+//! The list: ToGray p=0.5; HorizontalFlip p=0.5; VerticalFlip p=0.2; RandomGamma (0.8-1.2) p=0.5;
+//! RandomBrightness ±0.2 p=0.5; HueSaturationValue (hue ±5, sat ±20, val ±10) p=0.5;
+//! ShiftScaleRotate (shift 0.0625, scale 0.1, rotate ±90°, reflect-101 border) p=0.5;
+//! RandomResizedCrop scale (0.9, 1.1) ratio (3/4, 4/3) p=1. Like albumentations on an image read by
+//! OpenCV, the colour operations treat channel 0 as red.
+
+use rand::{Rng, RngCore};
+use tch::{Device, Kind, Tensor};
+
+/// Which augmentations `fit` applies to training batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Augment {
+    /// The original list (see the module documentation).
+    Original,
+    /// None: training images are fed as validation images are.
+    None,
+}
+
+/// uint8 NHWC -> float NCHW in [0, 1].
+pub fn to_input(pixels: &Tensor) -> Tensor {
+    pixels.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0
+}
+
+fn per_image(values: Vec<f32>, device: Device) -> Tensor {
+    let n = values.len() as i64;
+    Tensor::from_slice(&values).view([n, 1, 1, 1]).to_device(device)
+}
+
+/// A 0/1 mask per image with probability `p` of 1.
+fn coin(rng: &mut impl RngCore, n: usize, p: f64) -> Vec<f32> {
+    (0..n).map(|_| if rng.gen_bool(p) { 1.0 } else { 0.0 }).collect()
+}
+
+/// Where `mask` is 1, `a`; else `b`.
+fn select(mask: &Tensor, a: &Tensor, b: &Tensor) -> Tensor {
+    a * mask + b * (1.0 - mask)
+}
+
+/// Draws a `RandomResizedCrop` box as albumentations does: up to 10 tries of an area in
+/// `scale` × image area and a log-uniform aspect ratio, else the whole image. Returns
+/// (x0, y0, w, h) in pixels.
+fn crop_box(rng: &mut impl RngCore, size: usize) -> (f64, f64, f64, f64) {
+    let area = (size * size) as f64;
+    for _ in 0..10 {
+        let target = area * rng.gen_range(0.9..1.1);
+        let ratio = rng.gen_range((3.0f64 / 4.0).ln()..(4.0f64 / 3.0).ln()).exp();
+        let w = (target * ratio).sqrt().round();
+        let h = (target / ratio).sqrt().round();
+        if w > 0.0 && h > 0.0 && w <= size as f64 && h <= size as f64 {
+            let x0 = rng.gen_range(0..=(size - w as usize)) as f64;
+            let y0 = rng.gen_range(0..=(size - h as usize)) as f64;
+            return (x0, y0, w, h);
+        }
+    }
+    (0.0, 0.0, size as f64, size as f64)
+}
+
+/// RGB (channel 0 = red) in [0, 1] -> HSV with H in [0, 1), S and V in [0, 1].
+fn rgb_to_hsv(x: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let r = x.select(1, 0);
+    let g = x.select(1, 1);
+    let b = x.select(1, 2);
+    let max = r.maximum(&g).maximum(&b);
+    let min = r.minimum(&g).minimum(&b);
+    let delta = &max - &min;
+    let safe = delta.clamp_min(1e-12);
+    let hr = ((&g - &b) / &safe).remainder(6.0);
+    let hg = (&b - &r) / &safe + 2.0;
+    let hb = (&r - &g) / &safe + 4.0;
+    let h = hr.where_self(&max.eq_tensor(&r), &hg.where_self(&max.eq_tensor(&g), &hb));
+    let h = (delta.gt(0.0).to_kind(Kind::Float) * h / 6.0).remainder(1.0);
+    let s = (&delta / max.clamp_min(1e-12)).where_self(&max.gt(0.0), &max.zeros_like());
+    (h, s, max)
+}
+
+fn hsv_to_rgb(h: &Tensor, s: &Tensor, v: &Tensor) -> Tensor {
+    let channel = |n: f64| {
+        let k = (h * 6.0 + n).remainder(6.0);
+        let f = k.minimum(&(4.0 - &k)).clamp(0.0, 1.0);
+        v - v * s * f
+    };
+    Tensor::stack(&[channel(5.0), channel(3.0), channel(1.0)], 1)
+}
+
+/// One training batch: uint8 NHWC on the device -> augmented float NCHW in [0, 1].
+pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor {
+    let x = to_input(pixels);
+    if mode == Augment::None {
+        return x;
+    }
+    let size = pixels.size();
+    let (n, s) = (size[0] as usize, size[1] as usize);
+    let dev = x.device();
+
+    // ToGray (albumentations' RGB weights applied to channels 0, 1, 2).
+    let gray_mask = per_image(coin(rng, n, 0.5), dev);
+    let gray = (x.select(1, 0) * 0.299 + x.select(1, 1) * 0.587 + x.select(1, 2) * 0.114)
+        .unsqueeze(1)
+        .expand_as(&x);
+    let x = select(&gray_mask, &gray, &x);
+    // Flips.
+    let h_mask = per_image(coin(rng, n, 0.5), dev);
+    let x = select(&h_mask, &x.flip([3]), &x);
+    let v_mask = per_image(coin(rng, n, 0.2), dev);
+    let x = select(&v_mask, &x.flip([2]), &x);
+    // RandomGamma: x ** gamma.
+    let gammas: Vec<f32> = (0..n)
+        .map(|_| {
+            let on = rng.gen_bool(0.5);
+            let g = rng.gen_range(0.8..1.2f32);
+            if on {
+                g
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let x = x.clamp_min(0.0).pow(&per_image(gammas, dev));
+    // RandomBrightness: x + beta (beta in units of the maximum value).
+    let betas: Vec<f32> = (0..n)
+        .map(|_| {
+            let on = rng.gen_bool(0.5);
+            let b = rng.gen_range(-0.2..0.2f32);
+            if on {
+                b
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let x = (x + per_image(betas, dev)).clamp(0.0, 1.0);
+    // HueSaturationValue: OpenCV 8-bit units (hue of 180, sat and val of 255).
+    let mut hue = Vec::with_capacity(n);
+    let mut sat = Vec::with_capacity(n);
+    let mut val = Vec::with_capacity(n);
+    for _ in 0..n {
+        let on = rng.gen_bool(0.5) as i32 as f32;
+        hue.push(on * rng.gen_range(-5.0..5.0f32) / 180.0);
+        sat.push(on * rng.gen_range(-20.0..20.0f32) / 255.0);
+        val.push(on * rng.gen_range(-10.0..10.0f32) / 255.0);
+    }
+    let squeeze = |v: Vec<f32>| per_image(v, dev).squeeze_dim(1);
+    let (h, sa, va) = rgb_to_hsv(&x);
+    let h = (h + squeeze(hue)).remainder(1.0);
+    let sa = (sa + squeeze(sat)).clamp(0.0, 1.0);
+    let va = (va + squeeze(val)).clamp(0.0, 1.0);
+    let x = hsv_to_rgb(&h, &sa, &va);
+    // ShiftScaleRotate (p=0.5) then RandomResizedCrop (p=1), composed into one resampling.
+    let mut theta = Vec::with_capacity(n * 6);
+    for _ in 0..n {
+        let on = rng.gen_bool(0.5);
+        let dx = rng.gen_range(-0.0625..0.0625f64);
+        let dy = rng.gen_range(-0.0625..0.0625f64);
+        let scale = rng.gen_range(0.9..1.1f64);
+        let angle = rng.gen_range(-90.0..90.0f64).to_radians();
+        let (dx, dy, scale, angle) = if on { (dx, dy, scale, angle) } else { (0.0, 0.0, 1.0, 0.0) };
+        let (x0, y0, w, h) = crop_box(rng, s);
+        // Crop: output u in [-1, 1] -> point c + u * half in the SSR output (normalised coords).
+        let sf = s as f64;
+        let (cx, cy) = ((x0 + w / 2.0) / sf * 2.0 - 1.0, (y0 + h / 2.0) / sf * 2.0 - 1.0);
+        let (hx, hy) = (w / sf, h / sf);
+        // SSR maps source p to scale * R(angle) p + t; invert it: p = R(-angle) (q - t) / scale.
+        let (tx, ty) = (2.0 * dx, 2.0 * dy);
+        let (cos, sin) = (angle.cos() / scale, angle.sin() / scale);
+        // inverse rotation [[cos, -sin], [sin, cos]] / scale applied to (c + u*half - t)
+        let (qx, qy) = (cx - tx, cy - ty);
+        theta.extend_from_slice(&[
+            (cos * hx) as f32,
+            (-sin * hy) as f32,
+            (cos * qx - sin * qy) as f32,
+            (sin * hx) as f32,
+            (cos * hy) as f32,
+            (sin * qx + cos * qy) as f32,
+        ]);
+    }
+    let theta = Tensor::from_slice(&theta).view([n as i64, 2, 3]).to_device(dev);
+    let grid = Tensor::affine_grid_generator(&theta, [n as i64, 3, s as i64, s as i64], true);
+    // Bilinear, reflection about the edge pixels' centres (OpenCV's BORDER_REFLECT_101).
+    Tensor::grid_sampler(&x, &grid, 0, 2, true).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn batch() -> Tensor {
+        Tensor::randint(256, [6, 32, 32, 3], (Kind::Uint8, Device::Cpu))
+    }
+
+    #[test]
+    fn none_is_plain_scaling() {
+        let px = batch();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let out = augment(&px, Augment::None, &mut rng);
+        assert!(out.allclose(&to_input(&px), 0.0, 0.0, false));
+    }
+
+    #[test]
+    fn original_is_seeded_in_range_and_changes_images() {
+        tch::manual_seed(0);
+        let px = batch();
+        let run = |seed| augment(&px, Augment::Original, &mut rand::rngs::StdRng::seed_from_u64(seed));
+        let (a, b, c) = (run(5), run(5), run(6));
+        assert_eq!(a.size(), [6, 3, 32, 32]);
+        assert!(a.equal(&b), "same seed, same batch");
+        assert!(!a.equal(&c), "another seed, another batch");
+        assert!(a.min().double_value(&[]) >= 0.0 && a.max().double_value(&[]) <= 1.0);
+        assert!((a - to_input(&px)).abs().mean(Kind::Float).double_value(&[]) > 0.01);
+    }
+
+    #[test]
+    fn hsv_round_trip_is_identity() {
+        let x = Tensor::rand([4, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let (h, s, v) = rgb_to_hsv(&x);
+        let back = hsv_to_rgb(&h, &s, &v);
+        assert!(back.allclose(&x, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn identity_crop_and_no_rotation_keeps_the_image() {
+        // theta for the whole image and no SSR is the identity.
+        let x = Tensor::rand([1, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let theta = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0]).view([1, 2, 3]);
+        let grid = Tensor::affine_grid_generator(&theta, [1, 3, 16, 16], true);
+        let y = Tensor::grid_sampler(&x, &grid, 0, 2, true);
+        assert!(y.allclose(&x, 1e-5, 1e-5, false));
+    }
+}

@@ -1,0 +1,197 @@
+//! A training dataset: one folder per tag under a root (`datasetpdm/<tag>/<image>`), expanded to
+//! target vectors by a [`Taxonomy`], decoded once into a uint8 cache.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use tch::Tensor;
+
+use super::decode::load_resized;
+use super::taxonomy::Taxonomy;
+use crate::progress;
+
+/// One image of the dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub path: PathBuf,
+    /// Its folder (tag) name.
+    pub folder: String,
+}
+
+/// The tag folders under `root`, sorted.
+pub fn tag_folders(root: &Path) -> Result<Vec<String>> {
+    if !root.is_dir() {
+        bail!("dataset folder {} does not exist or is not a folder", root.display());
+    }
+    let mut folders: Vec<String> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot read dataset folder {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    folders.sort();
+    Ok(folders)
+}
+
+/// Reads a taxonomy file: `{"labels": [...], "folders": {"<folder>": ["<label>", ...]}}`.
+pub fn read_taxonomy(path: &Path) -> Result<Taxonomy> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read taxonomy {}", path.display()))?;
+    let t: Taxonomy = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a taxonomy (expected {{\"labels\": [...], \"folders\": {{...}}}})", path.display()))?;
+    if t.labels.is_empty() {
+        bail!("{}: the label list is empty", path.display());
+    }
+    for (folder, labels) in &t.folders {
+        if let Some(bad) = labels.iter().find(|l| !t.labels.contains(l)) {
+            bail!("{}: folder {folder} maps to {bad}, which is not in the label list", path.display());
+        }
+    }
+    Ok(t)
+}
+
+/// The taxonomy for a dataset: the given file, else the built-in NDL one. Every folder must be
+/// one of its tags.
+pub fn resolve_taxonomy(root: &Path, folders: &[String], file: Option<&Path>) -> Result<Taxonomy> {
+    let taxonomy = match file {
+        Some(f) => read_taxonomy(f)?,
+        None => Taxonomy::ndl(),
+    };
+    let unknown: Vec<&str> = folders
+        .iter()
+        .filter(|f| !taxonomy.folders.contains_key(*f))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        let known: Vec<&str> = taxonomy.folders.keys().map(String::as_str).collect();
+        bail!(
+            "{}: unknown tag folder(s): {}. Known tags: {}. (For another collection, describe its tags with --taxonomy FILE.)",
+            root.display(),
+            unknown.join(", "),
+            known.join(", ")
+        );
+    }
+    Ok(taxonomy)
+}
+
+/// Every file under the tag folders, sorted by path.
+pub fn scan(root: &Path, folders: &[String]) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for folder in folders {
+        let dir = root.join(folder);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let path = entry?.path();
+            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            if path.is_file() && !hidden {
+                samples.push(Sample {
+                    path,
+                    folder: folder.clone(),
+                });
+            }
+        }
+    }
+    samples.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(samples)
+}
+
+/// Decoded images, resized to the model's input, in one uint8 tensor (N, S, S, 3), BGR.
+pub struct ImageCache {
+    pub samples: Vec<Sample>,
+    pub pixels: Tensor,
+    /// 0/1 targets (N, labels).
+    pub targets: Tensor,
+    pub size: usize,
+}
+
+/// Decodes every sample in parallel. Unreadable files are reported and left out; a tag folder
+/// left with no image, or a dataset with none at all, is an error.
+pub fn load_cache(root: &Path, samples: Vec<Sample>, taxonomy: &Taxonomy, size: usize) -> Result<ImageCache> {
+    if samples.is_empty() {
+        bail!("{}: the dataset is empty (no files in its tag folders)", root.display());
+    }
+    let bar = progress::bar(samples.len() as u64, "images");
+    bar.set_prefix("decode");
+    let decoded: Vec<_> = samples
+        .par_iter()
+        .map(|s| {
+            let r = load_resized(&s.path, size);
+            bar.inc(1);
+            r
+        })
+        .collect();
+    bar.finish_and_clear();
+    let mut kept = Vec::with_capacity(samples.len());
+    let mut pixels = Vec::with_capacity(samples.len() * size * size * 3);
+    let mut targets = Vec::new();
+    let mut per_folder: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &samples {
+        per_folder.entry(s.folder.as_str()).or_default();
+    }
+    for (s, r) in samples.iter().zip(decoded) {
+        match r {
+            Ok(p) => {
+                pixels.extend_from_slice(&p);
+                targets.extend(taxonomy.target(&s.folder).expect("folders were checked"));
+                *per_folder.get_mut(s.folder.as_str()).expect("folder") += 1;
+                kept.push(s.clone());
+            }
+            Err(e) => eprintln!("skipped {e}"),
+        }
+    }
+    if let Some((folder, _)) = per_folder.iter().find(|(_, n)| **n == 0) {
+        bail!("{}: tag folder {folder} has no readable image", root.join(folder).display());
+    }
+    let n = kept.len() as i64;
+    let s = size as i64;
+    let labels = taxonomy.labels.len() as i64;
+    Ok(ImageCache {
+        samples: kept,
+        pixels: Tensor::from_slice(&pixels).view([n, s, s, 3]),
+        targets: Tensor::from_slice(&targets).view([n, labels]),
+        size,
+    })
+}
+
+/// Tag folders under `root` with no folder at all is an error too.
+pub fn open(root: &Path, taxonomy_file: Option<&Path>) -> Result<(Taxonomy, Vec<Sample>)> {
+    let folders = tag_folders(root)?;
+    if folders.is_empty() {
+        bail!("{}: no tag folders (expected {}/<tag>/<image>)", root.display(), root.display());
+    }
+    let taxonomy = resolve_taxonomy(root, &folders, taxonomy_file)?;
+    let samples = scan(root, &folders)?;
+    Ok((taxonomy, samples))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_folders_are_listed_with_the_known_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["stamp", "cats", "dogs"] {
+            std::fs::create_dir_all(dir.path().join(f)).unwrap();
+        }
+        let err = open(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("unknown tag folder(s): cats, dogs"), "{err}");
+        assert!(err.contains("Known tags: graphic_graph"), "{err}");
+    }
+
+    #[test]
+    fn taxonomy_file_replaces_the_builtin_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data/cats")).unwrap();
+        std::fs::write(dir.path().join("data/cats/a.jpg"), b"x").unwrap();
+        let tax = dir.path().join("t.json");
+        std::fs::write(&tax, r#"{"labels": ["animal", "cat"], "folders": {"cats": ["animal", "cat"]}}"#).unwrap();
+        let (t, samples) = open(&dir.path().join("data"), Some(&tax)).unwrap();
+        assert_eq!(t.target("cats").unwrap(), [1.0, 1.0]);
+        assert_eq!(samples.len(), 1);
+        std::fs::write(&tax, r#"{"labels": ["animal"], "folders": {"cats": ["cat"]}}"#).unwrap();
+        let err = open(&dir.path().join("data"), Some(&tax)).unwrap_err().to_string();
+        assert!(err.contains("not in the label list"), "{err}");
+    }
+}
