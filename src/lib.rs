@@ -10,3 +10,4 @@ pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod train;

@@ -111,3 +111,42 @@ fn a_file_without_layer_names_is_not_keras() {
     assert!(err.contains("other.h5") && err.contains("not a Keras weights file"), "{err}");
     assert!(keras::load(Path::new("/nonexistent.h5"), &vs).is_err());
 }
+
+#[test]
+fn exported_weights_read_back_identically_with_the_oracle_layout() {
+    let (vs, _net) = model(11);
+    keras::load(&common::oracle().join("ndl_b0_weights.h5"), &vs).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("val_loss0.123.hdf5");
+    keras::save_weights(&vs, &out).unwrap();
+    // Same layer_names and weight_names as the file real Keras wrote.
+    let ours = hdf5::File::open(&out).unwrap();
+    let theirs = hdf5::File::open(common::oracle().join("ndl_b0_weights.h5")).unwrap();
+    let names = |f: &hdf5::File| -> Vec<String> {
+        f.attr("layer_names")
+            .unwrap()
+            .read_raw::<hdf5::types::VarLenAscii>()
+            .unwrap()
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    assert_eq!(names(&ours), names(&theirs));
+    for layer in names(&theirs) {
+        let wn = |f: &hdf5::File| -> Vec<String> {
+            let a = f.group(&layer).unwrap().attr("weight_names").unwrap();
+            a.read_raw::<hdf5::types::VarLenAscii>().map(|v| v.iter().map(|s| s.to_string()).collect()).unwrap_or_default()
+        };
+        assert_eq!(wn(&ours), wn(&theirs), "weight_names of {layer}");
+    }
+    // Every tensor identical.
+    let a = keras::read(&out).unwrap();
+    let b = keras::read(&common::oracle().join("ndl_b0_weights.h5")).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!(x.name, y.name);
+        assert_eq!(x.shape, y.shape, "{}", x.name);
+        assert_eq!(x.data, y.data, "{}", x.name);
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+}

@@ -375,3 +375,89 @@ pub fn keras_layers(vs: &VarStore) -> Vec<(String, Vec<(String, String)>)> {
         })
         .collect()
 }
+
+/// Every layer name of the original Keras model, in its `layer_names` order (weightless layers
+/// included), as `model.save_weights` writes them.
+pub fn original_layer_names() -> Vec<String> {
+    let mut names: Vec<String> = ["input_1", "stem_conv", "stem_bn", "stem_activation"].map(String::from).to_vec();
+    let mut index = 0;
+    for (stage, args) in super::efficientnet::B0_STAGES.iter().enumerate() {
+        for r in 0..args.repeats {
+            let block = format!("block{}{}", stage + 1, (b'a' + r as u8) as char);
+            let mut parts = Vec::new();
+            if args.expand_ratio != 1 {
+                parts.extend(["expand_conv", "expand_bn", "expand_activation"]);
+            }
+            parts.extend([
+                "dwconv", "bn", "activation", "se_squeeze", "se_reshape", "se_reduce", "se_expand", "se_excite",
+                "project_conv", "project_bn",
+            ]);
+            // Residual blocks (all but the first of each stage, as B0's first blocks change shape).
+            if r > 0 {
+                parts.extend(["drop", "add"]);
+            }
+            names.extend(parts.iter().map(|p| format!("{block}_{p}")));
+            index += 1;
+        }
+    }
+    debug_assert_eq!(index, 16);
+    names.extend(["top_conv", "top_bn", "top_activation", "global_average_pooling2d"].map(String::from));
+    names.extend(HEAD_LAYERS.map(String::from));
+    names
+}
+
+/// Writes the model as a Keras legacy HDF5 weights file, the layout of `model.save_weights`:
+/// `layer_names` at the root, one group per layer with its `weight_names`, tensors in Keras
+/// layout. The original `multiinference.py` loads it with `model.load_weights`. Written to a
+/// temporary file and renamed into place.
+pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let vars = vs.variables();
+    let layers: std::collections::HashMap<String, Vec<(String, String)>> = keras_layers(vs).into_iter().collect();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".keras.")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let write = || -> hdf5::Result<()> {
+        let file = hdf5::File::create(tmp.path())?;
+        let ascii = |s: &str| VarLenAscii::from_ascii(s).map_err(|e| hdf5::Error::from(e.to_string()));
+        let scalar = |name: &str, value: &str| -> hdf5::Result<()> {
+            file.new_attr::<VarLenAscii>().create(name)?.write_scalar(&ascii(value)?)
+        };
+        scalar("backend", "tensorflow")?;
+        scalar("keras_version", "2.15.0")?;
+        let names = original_layer_names();
+        let name_values = names.iter().map(|n| ascii(n)).collect::<hdf5::Result<Vec<_>>>()?;
+        file.new_attr::<VarLenAscii>().shape(names.len()).create("layer_names")?.write_raw(&name_values)?;
+        for layer in &names {
+            let group = file.create_group(layer)?;
+            let Some(params) = layers.get(layer) else {
+                group.new_attr::<f64>().shape(0).create("weight_names")?;
+                continue;
+            };
+            let weight_names: Vec<String> = params.iter().map(|(p, _)| format!("{layer}/{p}:0")).collect();
+            let values = weight_names.iter().map(|n| ascii(n)).collect::<hdf5::Result<Vec<_>>>()?;
+            group.new_attr::<VarLenAscii>().shape(values.len()).create("weight_names")?.write_raw(&values)?;
+            let inner = group.create_group(layer)?;
+            for (param, key) in params {
+                let t = torch_to_keras(&vars[key].to_device(tch::Device::Cpu).to_kind(tch::Kind::Float), param).contiguous();
+                let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+                let data = Vec::<f32>::try_from(t.flatten(0, -1)).map_err(|e| hdf5::Error::from(e.to_string()))?;
+                inner.new_dataset::<f32>().shape(shape).create(format!("{param}:0").as_str())?.write_raw(&data)?;
+            }
+        }
+        file.flush()?;
+        Ok(())
+    };
+    write().map_err(|e| KerasError::Write {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move the finished file into place at {}", path.display()))?;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! The network, its Keras weights and our checkpoints.
 
 pub mod efficientnet;
+pub mod checkpoint;
 pub mod keras;
 
 use std::io::Read;

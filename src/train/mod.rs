@@ -1,0 +1,3 @@
+//! `trainer fit`: the training loop, its optimizer and its run folder.
+
+pub mod adam;
