@@ -19,12 +19,76 @@ pub struct Cli {
 pub enum Command {
     /// Tag folders of images and write one JSON file per folder (the original multiinference.py format).
     Infer(InferArgs),
+    /// Train the tagger from a folder per tag (the original multitrain_efficientnet.py recipe).
+    Fit(FitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// Dataset: one folder per tag (DATA/<tag>/<image>).
+    #[arg(long, default_value = "datasetpdm")]
+    pub data: PathBuf,
+    /// Label list and folder -> labels table (JSON) for a collection other than the NDL's.
+    #[arg(long)]
+    pub taxonomy: Option<PathBuf>,
+    /// Starting weights: a Keras HDF5 file (full, weights-only, or the ImageNet "notop" backbone)
+    /// or a trainer checkpoint.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Continue the run in this folder (runs/<run>) from its last checkpoint.
+    #[arg(long, conflicts_with_all = ["init", "run"])]
+    pub resume: Option<PathBuf>,
+    /// Run name: its folder is RUNS_DIR/<name>. Default: the next free fit, fit2, ...
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Folder of the run folders.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Folder of the Keras weights written whenever validation loss improves (val_loss{:.3f}.hdf5).
+    #[arg(long, default_value = "weights_pdm_multi")]
+    pub weights_dir: PathBuf,
+    /// Epochs in all (on --resume, may be raised to train further).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per training step.
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Seed of the split, the shuffles, the augmentations and drop-connect.
+    #[arg(long, default_value_t = 777)]
+    pub seed: u64,
+    /// Share of the images held out for validation (0: train on all, no validation metrics).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
+    pub val_fraction: f64,
+    /// Training augmentations.
+    #[arg(long, value_enum, default_value = "original")]
+    pub augment: crate::data::augment::Augment,
+    /// Input size in pixels (square).
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..))]
+    pub image_size: u32,
+    /// Drop-connect rate of the last block (block i of 16 uses rate * i / 16).
+    #[arg(long, default_value_t = 0.2, value_parser = parse_fraction)]
+    pub drop_connect: f64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be in [0, 1)"))
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct InferArgs {
     /// Model weights: a Keras HDF5 file (the published weights_ndllabelimage.hdf5 or a
-    /// weights_pdm_multi/*.hdf5 file).
+    /// weights_pdm_multi/*.hdf5 file) or a trainer checkpoint (runs/<run>/best.ckpt).
     #[arg(long, short = 'w')]
     pub weights: PathBuf,
     /// Folder of images: each subfolder <PID>/ gives OUTPUT/<PID>.json; images directly inside go

@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use crate::cli::InferArgs;
+use crate::cli::{FitArgs, InferArgs};
+use crate::model::checkpoint::Checkpoint;
+use crate::train::fit::{self, FitSettings};
 use crate::device;
 use crate::infer::{self, InferOptions};
 use crate::model::load_for_inference;
@@ -36,5 +38,62 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
         eprintln!("interrupted: the JSON files written are complete; run the same command again to redo the rest");
         return Ok(ExitCode::from(130));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer fit`.
+pub fn fit(args: FitArgs) -> Result<ExitCode> {
+    let device = args.device.resolve()?;
+    let (settings, run_dir, resume) = match &args.resume {
+        Some(run_dir) => {
+            let ckpt = Checkpoint::read(&run_dir.join(fit::LAST))
+                .with_context(|| format!("cannot resume {}", run_dir.display()))?;
+            let mut settings: FitSettings = serde_json::from_value(ckpt.meta.settings.clone())
+                .with_context(|| format!("{}: unreadable run settings", run_dir.display()))?;
+            if let Some(e) = args.epochs {
+                settings.epochs = e;
+            }
+            (settings, run_dir.clone(), true)
+        }
+        None => {
+            let settings = FitSettings {
+                data: args.data,
+                taxonomy: args.taxonomy,
+                weights_dir: args.weights_dir,
+                seed: args.seed,
+                val_fraction: args.val_fraction,
+                augment: args.augment,
+                image_size: args.image_size as usize,
+                lr: args.lr,
+                batch_size: args.batch_size as usize,
+                epochs: args.epochs.unwrap_or(100),
+                drop_connect: args.drop_connect,
+                init: args.init,
+            };
+            let run_dir = match &args.run {
+                Some(name) => args.runs_dir.join(name),
+                None => fit::next_run_dir(&args.runs_dir),
+            };
+            (settings, run_dir, false)
+        }
+    };
+    eprintln!("device: {}", device::describe(device));
+    let s = fit::fit(&settings, &run_dir, resume, device)?;
+    if s.interrupted {
+        eprintln!(
+            "interrupted: {} holds epoch {}; continue with: trainer fit --resume {}",
+            run_dir.join(fit::LAST).display(),
+            s.epochs_done,
+            run_dir.display()
+        );
+        return Ok(ExitCode::from(130));
+    }
+    eprintln!(
+        "done: {} epochs; best validation loss {}; checkpoints in {}, Keras weights in {}",
+        s.epochs_done,
+        s.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "- (no validation)".into()),
+        run_dir.display(),
+        settings.weights_dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

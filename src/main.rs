@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     trainer::progress::install_ctrlc_handler();
     let result = match cli.command {
         Command::Infer(args) => trainer::commands::infer(args),
+        Command::Fit(args) => trainer::commands::fit(args),
     };
     match result {
         Ok(code) => code,

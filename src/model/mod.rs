@@ -49,7 +49,13 @@ impl LoadedModel {
             bail!("weights file {} does not exist", path.display());
         }
         if !is_hdf5(path) {
-            bail!("{}: unknown weights format (expected a Keras .hdf5/.h5 file)", path.display());
+            if checkpoint::Checkpoint::is_checkpoint(path) {
+                return Self::from_checkpoint(path, device);
+            }
+            bail!(
+                "{}: unknown weights format (expected a Keras .hdf5/.h5 file or a trainer checkpoint)",
+                path.display()
+            );
         }
         let taxonomy = Taxonomy::ndl();
         let vs = nn::VarStore::new(device);
@@ -74,6 +80,27 @@ impl LoadedModel {
             thresholds,
             image_size: DEFAULT_IMAGE_SIZE,
             description: format!("{} ({report})", path.display()),
+        })
+    }
+
+    /// Loads one of our checkpoints: labels, thresholds and input size come from it.
+    pub fn from_checkpoint(path: &Path, device: Device) -> Result<Self> {
+        let ckpt = checkpoint::Checkpoint::read(path)?;
+        let meta = &ckpt.meta;
+        let vs = nn::VarStore::new(device);
+        let config = TaggerConfig {
+            num_classes: meta.taxonomy.labels.len() as i64,
+            drop_connect: meta.drop_connect,
+        };
+        let net = Tagger::new(&vs.root(), config);
+        ckpt.load_model(&vs, path)?;
+        Ok(LoadedModel {
+            vs,
+            net,
+            taxonomy: meta.taxonomy.clone(),
+            thresholds: meta.thresholds.clone(),
+            image_size: meta.preprocessing.image_size,
+            description: format!("{} (trainer checkpoint, epoch {})", path.display(), meta.epoch),
         })
     }
 

@@ -1,3 +1,4 @@
 //! `trainer fit`: the training loop, its optimizer and its run folder.
 
 pub mod adam;
+pub mod fit;

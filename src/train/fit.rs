@@ -1,0 +1,437 @@
+//! The fit loop: dataset -> cache -> split -> epochs of augmented Adam steps -> validation
+//! metrics -> CSV row, checkpoints and Keras weights.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tch::nn::ModuleT;
+use tch::{nn, Device, Kind, Reduction, Tensor};
+
+use super::adam::Adam;
+use crate::data::augment::{self, Augment};
+use crate::data::dataset::{self, ImageCache};
+use crate::data::split::split_indices;
+use crate::data::taxonomy::Taxonomy;
+use crate::fsutil::write_atomic;
+use crate::metrics::{self, Counts};
+use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
+use crate::model::efficientnet::{Tagger, TaggerConfig};
+use crate::model::{is_hdf5, keras, DEFAULT_INFER_THRESHOLD};
+use crate::progress;
+
+/// The settings of a run, saved in its checkpoints so a resume continues with the same ones.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FitSettings {
+    pub data: PathBuf,
+    pub taxonomy: Option<PathBuf>,
+    pub weights_dir: PathBuf,
+    pub seed: u64,
+    pub val_fraction: f64,
+    pub augment: Augment,
+    pub image_size: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub drop_connect: f64,
+    pub init: Option<PathBuf>,
+}
+
+/// What a run ended with.
+#[derive(Debug)]
+pub struct FitSummary {
+    pub run_dir: PathBuf,
+    pub epochs_done: usize,
+    pub best_val_loss: Option<f64>,
+    pub interrupted: bool,
+}
+
+pub const VAL_LIST: &str = "val.txt";
+pub const RESULTS: &str = "results.csv";
+pub const LAST: &str = "last.ckpt";
+pub const BEST: &str = "best.ckpt";
+pub const SETTINGS: &str = "settings.json";
+
+/// The next free run folder: `runs/fit`, `runs/fit2`, ...
+pub fn next_run_dir(runs: &Path) -> PathBuf {
+    let first = runs.join("fit");
+    if !first.exists() {
+        return first;
+    }
+    (2..).map(|i| runs.join(format!("fit{i}"))).find(|p| !p.exists()).expect("a free name")
+}
+
+/// The seed of epoch `epoch`'s random numbers (shuffle, augmentation, drop-connect).
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64)
+}
+
+fn csv_header(labels: &[String]) -> String {
+    let mut cols: Vec<String> = [
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_micro_f1",
+        "val_macro_f1",
+        "lr",
+        "epoch_time_s",
+        "train_images_per_s",
+    ]
+    .map(String::from)
+    .to_vec();
+    for l in labels {
+        for m in ["precision", "recall", "f1", "support"] {
+            cols.push(format!("{m}/{l}"));
+        }
+    }
+    cols.join(",")
+}
+
+/// Validation results of one epoch.
+struct Validation {
+    loss: f64,
+    counts: Vec<Counts>,
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.6}")).unwrap_or_default()
+}
+
+/// Relative path of a sample under the data root, as written in `val.txt`.
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned()
+}
+
+/// Probabilities and mean BCE over the images `idx` of the cache, in eval mode.
+pub fn evaluate(net: &Tagger, cache: &ImageCache, idx: &[i64], batch: usize, device: Device) -> (Tensor, f64) {
+    let mut probs = Vec::new();
+    let mut loss_sum = 0.0;
+    tch::no_grad(|| {
+        for chunk in idx.chunks(batch.max(1)) {
+            let ids = Tensor::from_slice(chunk);
+            let x = augment::to_input(&cache.pixels.index_select(0, &ids).to_device(device));
+            let y = cache.targets.index_select(0, &ids).to_device(device);
+            let logits = net.forward_t(&x, false);
+            let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Sum);
+            loss_sum += loss.double_value(&[]);
+            probs.push(logits.sigmoid().to_device(Device::Cpu));
+        }
+    });
+    let labels = cache.targets.size()[1] as f64;
+    (Tensor::cat(&probs, 0), loss_sum / (idx.len() as f64 * labels).max(1.0))
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).expect("floats")
+}
+
+/// Loads `--init`: a Keras HDF5 file (full, weights-only or backbone-only) or one of our
+/// checkpoints with the same labels.
+fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy) -> Result<String> {
+    if !path.is_file() {
+        bail!("--init {}: no such file", path.display());
+    }
+    if is_hdf5(path) {
+        let report = keras::load(path, vs).with_context(|| format!("--init {}", path.display()))?;
+        return Ok(report.to_string());
+    }
+    let ckpt = Checkpoint::read(path).with_context(|| format!("--init {}", path.display()))?;
+    if ckpt.meta.taxonomy.labels != taxonomy.labels {
+        bail!(
+            "--init {}: its labels ({}) differ from this dataset's ({})",
+            path.display(),
+            ckpt.meta.taxonomy.labels.join(", "),
+            taxonomy.labels.join(", ")
+        );
+    }
+    ckpt.load_model(vs, path)?;
+    Ok(format!("trainer checkpoint, epoch {}", ckpt.meta.epoch))
+}
+
+/// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
+/// comes from its checkpoint, with `epochs` possibly raised by the caller).
+pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device) -> Result<FitSummary> {
+    let last_path = run_dir.join(LAST);
+    let previous = if resume {
+        Some(Checkpoint::read(&last_path).with_context(|| format!("cannot resume {}", run_dir.display()))?)
+    } else {
+        if last_path.exists() {
+            bail!(
+                "run folder {} already holds a run; resume it with --resume {} or choose another --run",
+                run_dir.display(),
+                run_dir.display()
+            );
+        }
+        None
+    };
+
+    // Data.
+    let (taxonomy, samples) = dataset::open(&settings.data, settings.taxonomy.as_deref())?;
+    if let Some(prev) = &previous {
+        if prev.meta.taxonomy != taxonomy {
+            bail!("{}: the dataset's taxonomy differs from the run's", settings.data.display());
+        }
+    }
+    let labels = taxonomy.labels.clone();
+    let cache = dataset::load_cache(&settings.data, samples, &taxonomy, settings.image_size)?;
+    let n = cache.samples.len();
+
+    // Split.
+    let val_list = run_dir.join(VAL_LIST);
+    let (train_idx, val_idx): (Vec<i64>, Vec<i64>) = if resume {
+        let text = std::fs::read_to_string(&val_list).with_context(|| format!("cannot read {}", val_list.display()))?;
+        let names: std::collections::HashSet<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        let (val, train): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| names.contains(relative(&settings.data, &cache.samples[i].path).as_str()));
+        if val.len() != names.len() {
+            eprintln!(
+                "warning: {} of the {} validation images listed in {} are no longer in the dataset",
+                names.len() - val.len(),
+                names.len(),
+                val_list.display()
+            );
+        }
+        (train.into_iter().map(|i| i as i64).collect(), val.into_iter().map(|i| i as i64).collect())
+    } else {
+        let (train, val) = split_indices(n, settings.seed as u32, settings.val_fraction);
+        let mut val_sorted = val.clone();
+        val_sorted.sort();
+        let listing: String = val_sorted
+            .iter()
+            .map(|&i| relative(&settings.data, &cache.samples[i].path) + "\n")
+            .collect();
+        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+        write_atomic(&val_list, listing.as_bytes())?;
+        write_atomic(&run_dir.join(SETTINGS), serde_json::to_string_pretty(settings)?.as_bytes())?;
+        (train.into_iter().map(|i| i as i64).collect(), val.into_iter().map(|i| i as i64).collect())
+    };
+    if train_idx.is_empty() {
+        bail!("no training images left after the validation split of {n} images");
+    }
+    eprintln!(
+        "data: {} images ({} train, {} validation), {} labels, {}x{} input; run folder {}",
+        n,
+        train_idx.len(),
+        val_idx.len(),
+        labels.len(),
+        settings.image_size,
+        settings.image_size,
+        run_dir.display()
+    );
+
+    // Model and optimizer.
+    let vs = nn::VarStore::new(device);
+    let config = TaggerConfig {
+        num_classes: labels.len() as i64,
+        drop_connect: settings.drop_connect,
+    };
+    let net = Tagger::new(&vs.root(), config);
+    let mut adam = Adam::new(&vs, settings.lr);
+    let mut start_epoch = 1;
+    let mut best = None;
+    if let Some(prev) = &previous {
+        prev.load_model(&vs, &last_path)?;
+        adam.load_state(prev.meta.optimizer_step, |k| prev.tensors.get(k).map(|t| t.to_device(device)))?;
+        start_epoch = prev.meta.epoch + 1;
+        best = prev.meta.best_val_loss;
+        eprintln!("resuming {} after epoch {}", run_dir.display(), prev.meta.epoch);
+    } else if let Some(init) = &settings.init {
+        eprintln!("init: {}", load_init(init, &vs, &taxonomy)?);
+    } else {
+        eprintln!(
+            "warning: training from random weights; to start from ImageNet, pass --init with the Keras EfficientNet-B0 \"notop\" file (efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5)"
+        );
+    }
+
+    // Results CSV: on resume keep the rows up to the checkpoint's epoch.
+    let csv_path = run_dir.join(RESULTS);
+    let header = csv_header(&labels);
+    let mut kept_rows = String::new();
+    if resume {
+        if let Ok(text) = std::fs::read_to_string(&csv_path) {
+            for line in text.lines().skip(1) {
+                let epoch: usize = line.split(',').next().and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
+                if epoch < start_epoch {
+                    kept_rows.push_str(line);
+                    kept_rows.push('\n');
+                }
+            }
+        }
+    }
+    write_atomic(&csv_path, format!("{header}\n{kept_rows}").as_bytes())?;
+    let mut csv = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&csv_path)
+        .with_context(|| format!("cannot open {}", csv_path.display()))?;
+
+    let pixels = cache.pixels.to_device(device);
+    let targets = cache.targets.to_device(device);
+    let bs = settings.batch_size.max(1);
+    let steps = train_idx.len().div_ceil(bs);
+    let mut summary = FitSummary {
+        run_dir: run_dir.to_path_buf(),
+        epochs_done: start_epoch - 1,
+        best_val_loss: best,
+        interrupted: false,
+    };
+    for epoch in start_epoch..=settings.epochs {
+        let seed = epoch_seed(settings.seed, epoch);
+        tch::manual_seed(seed as i64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut order = train_idx.clone();
+        order.shuffle(&mut rng);
+        let bar = progress::bar(steps as u64, "steps");
+        bar.set_prefix(format!("epoch {epoch}/{}", settings.epochs));
+        let t0 = Instant::now();
+        let mut loss_sum = 0.0;
+        let mut seen = 0usize;
+        for (step, chunk) in order.chunks(bs).enumerate() {
+            if progress::interrupted() {
+                bar.finish_and_clear();
+                summary.interrupted = true;
+                return Ok(summary);
+            }
+            let ids = Tensor::from_slice(chunk).to_device(device);
+            let x = augment::augment(&pixels.index_select(0, &ids), settings.augment, &mut rng);
+            let y = targets.index_select(0, &ids);
+            let logits = net.forward_t(&x, true);
+            let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bar.finish_and_clear();
+                bail!(
+                    "epoch {epoch}, step {}: the training loss is {value}; stopping. {} (epoch {}) is kept; a lower --lr may help",
+                    step + 1,
+                    last_path.display(),
+                    epoch - 1
+                );
+            }
+            adam.zero_grad();
+            loss.backward();
+            adam.step();
+            loss_sum += value * chunk.len() as f64;
+            seen += chunk.len();
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
+        }
+        bar.finish_and_clear();
+        let train_time = t0.elapsed().as_secs_f64();
+        let train_loss = loss_sum / seen as f64;
+
+        let validation = (!val_idx.is_empty()).then(|| {
+            let (probs, loss) = evaluate(&net, &cache, &val_idx, bs * 2, device);
+            let t = cache.targets.index_select(0, &Tensor::from_slice(&val_idx));
+            let counts = metrics::count(&to_vec(&probs), &to_vec(&t), labels.len(), &vec![0.5; labels.len()]);
+            Validation { loss, counts }
+        });
+        let epoch_time = t0.elapsed().as_secs_f64();
+        let images_per_s = seen as f64 / train_time.max(1e-9);
+
+        // Checkpoints first, then the CSV row: a row always has its checkpoint.
+        let val_loss = validation.as_ref().map(|v| v.loss);
+        let improved = match (val_loss, best) {
+            (Some(v), Some(b)) => v < b,
+            (Some(_), None) => true,
+            (None, _) => true,
+        };
+        if improved {
+            best = val_loss;
+        }
+        let meta = CheckpointMeta {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::VERSION,
+            epoch,
+            taxonomy: taxonomy.clone(),
+            preprocessing: Preprocessing::original(settings.image_size),
+            thresholds: vec![DEFAULT_INFER_THRESHOLD; labels.len()],
+            drop_connect: settings.drop_connect,
+            optimizer_step: adam.step,
+            seed: settings.seed,
+            val_loss,
+            best_val_loss: best,
+            settings: serde_json::to_value(settings)?,
+        };
+        let state = adam.state();
+        checkpoint::save(&last_path, &meta, &vs, &state)?;
+        if improved {
+            checkpoint::save(&run_dir.join(BEST), &meta, &vs, &state)?;
+            let name = match val_loss {
+                Some(v) => format!("val_loss{v:.3}.hdf5"),
+                None => format!("loss{train_loss:.3}.hdf5"),
+            };
+            keras::save_weights(&vs, &settings.weights_dir.join(name))?;
+        }
+
+        let mut row = vec![
+            epoch.to_string(),
+            format!("{train_loss:.6}"),
+            opt(val_loss),
+            opt(validation.as_ref().map(|v| metrics::micro_f1(&v.counts))),
+            opt(validation.as_ref().and_then(|v| metrics::macro_f1(&v.counts))),
+            format!("{}", settings.lr),
+            format!("{epoch_time:.3}"),
+            format!("{images_per_s:.2}"),
+        ];
+        for l in 0..labels.len() {
+            match &validation {
+                Some(v) => {
+                    let c = &v.counts[l];
+                    row.extend([
+                        format!("{:.6}", c.precision()),
+                        format!("{:.6}", c.recall()),
+                        format!("{:.6}", c.f1()),
+                        c.support().to_string(),
+                    ]);
+                }
+                None => row.extend(std::iter::repeat_n(String::new(), 4)),
+            }
+        }
+        writeln!(csv, "{}", row.join(",")).and_then(|_| csv.sync_data()).with_context(|| format!("cannot write {}", csv_path.display()))?;
+        print_epoch(epoch, settings.epochs, train_loss, validation.as_ref(), &labels, epoch_time, images_per_s, improved);
+        summary.epochs_done = epoch;
+        summary.best_val_loss = best;
+    }
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_epoch(
+    epoch: usize,
+    epochs: usize,
+    train_loss: f64,
+    validation: Option<&Validation>,
+    labels: &[String],
+    seconds: f64,
+    images_per_s: f64,
+    improved: bool,
+) {
+    let mut line = format!("epoch {epoch}/{epochs}  train_loss {train_loss:.4}");
+    if let Some(v) = validation {
+        line += &format!(
+            "  val_loss {:.4}{}  micro-F1 {:.3}  macro-F1 {}",
+            v.loss,
+            if improved { " (best)" } else { "" },
+            metrics::micro_f1(&v.counts),
+            metrics::macro_f1(&v.counts).map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into())
+        );
+    }
+    line += &format!("  {seconds:.1} s, {images_per_s:.1} images/s");
+    eprintln!("{line}");
+    if let Some(v) = validation {
+        let width = labels.iter().map(|l| l.len()).max().unwrap_or(5).max(5);
+        eprintln!("  {:width$}  precision  recall     f1  support", "label");
+        for (l, c) in labels.iter().zip(&v.counts) {
+            eprintln!(
+                "  {l:width$}  {:>9.3}  {:>6.3}  {:>5.3}  {:>7}",
+                c.precision(),
+                c.recall(),
+                c.f1(),
+                c.support()
+            );
+        }
+    }
+}
