@@ -197,10 +197,11 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
         }
         (train.into_iter().map(|i| i as i64).collect(), val.into_iter().map(|i| i as i64).collect())
     } else {
-        let (train, val) = split_indices(n, settings.seed as u32, settings.val_fraction);
-        let mut val_sorted = val.clone();
-        val_sorted.sort();
-        let listing: String = val_sorted
+        let (mut train, mut val) = split_indices(n, settings.seed as u32, settings.val_fraction);
+        // Index order, as a resumed run rebuilds them from val.txt.
+        train.sort();
+        val.sort();
+        let listing: String = val
             .iter()
             .map(|&i| relative(&settings.data, &cache.samples[i].path) + "\n")
             .collect();
@@ -223,7 +224,8 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
         run_dir.display()
     );
 
-    // Model and optimizer.
+    // Model and optimizer; the initial weights of what --init does not set come from the seed.
+    tch::manual_seed(settings.seed as i64);
     let vs = nn::VarStore::new(device);
     let config = TaggerConfig {
         num_classes: labels.len() as i64,

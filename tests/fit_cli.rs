@@ -1,0 +1,247 @@
+//! `trainer fit` end to end on the 36 bundled sample images, on CPU.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use tch::{Device, Tensor};
+use trainer::data::dataset;
+use trainer::metrics;
+use trainer::model::{keras, LoadedModel};
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
+}
+
+fn notop() -> PathBuf {
+    common::oracle().join("b0_notop_weights.h5")
+}
+
+/// Runs `trainer fit` in `dir` with the given extra arguments.
+fn fit(dir: &Path, args: &[&str]) -> Output {
+    let out = common::trainer()
+        .current_dir(dir)
+        .args(["fit", "--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    out
+}
+
+fn ok(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "fit failed:\n{stderr}");
+    stderr
+}
+
+fn fail(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "fit should have failed:\n{stderr}");
+    stderr
+}
+
+/// Probabilities of a model on every image of the bundled dataset, with the targets.
+fn predict_all(model: &LoadedModel) -> (Vec<f32>, Vec<f32>) {
+    let (taxonomy, samples) = dataset::open(&data(), None).unwrap();
+    let cache = dataset::load_cache(&data(), samples, &taxonomy, model.image_size).unwrap();
+    let n = cache.samples.len();
+    let pixels = Vec::<u8>::try_from(cache.pixels.flatten(0, -1)).unwrap();
+    let probs = model.predict(&pixels, n);
+    let targets = Vec::<f32>::try_from(cache.targets.flatten(0, -1)).unwrap();
+    (probs, targets)
+}
+
+fn csv_rows(run: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(run.join("results.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+const SMALL: &[&str] = &["--image-size", "64", "--augment", "none", "--batch-size", "12"];
+
+#[test]
+fn learns_the_sample_from_the_imagenet_style_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    let notop = notop();
+    let data = data();
+    let mut args = vec!["--data", data.to_str().unwrap(), "--init", notop.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--val-fraction", "0", "--epochs", "40", "--lr", "1e-3", "--run", "learn"]);
+    ok(fit(dir.path(), &args));
+    let rows = csv_rows(&dir.path().join("runs/learn"));
+    assert_eq!(rows.len(), 41);
+    let loss = |r: &Vec<String>| r[1].parse::<f64>().unwrap();
+    assert!(loss(&rows[40]) < 0.5 * loss(&rows[1]), "training loss fell: {} -> {}", loss(&rows[1]), loss(&rows[40]));
+    let model = LoadedModel::load(&dir.path().join("runs/learn/best.ckpt"), Device::Cpu).unwrap();
+    let (probs, targets) = predict_all(&model);
+    let counts = metrics::count(&probs, &targets, 11, &[0.5; 11]);
+    let micro = metrics::micro_f1(&counts);
+    assert!(micro >= 0.95, "training-set micro-F1 {micro}");
+}
+
+#[test]
+fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let (notop, data) = (notop(), data());
+    let mut args = vec!["--data", data.to_str().unwrap(), "--init", notop.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--epochs", "2", "--run", "rt"]);
+    ok(fit(dir.path(), &args));
+    let best = LoadedModel::load(&dir.path().join("runs/rt/best.ckpt"), Device::Cpu).unwrap();
+    let best_meta = trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs/rt/best.ckpt")).unwrap().meta;
+    let name = format!("val_loss{:.3}.hdf5", best_meta.val_loss.unwrap());
+    let hdf5 = dir.path().join("weights_pdm_multi").join(name);
+    assert!(hdf5.is_file(), "{} missing", hdf5.display());
+    // The Keras file into a fresh model at the run's input size.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let net = trainer::model::efficientnet::Tagger::new(&vs.root(), Default::default());
+    let report = keras::load(&hdf5, &vs).unwrap();
+    assert!(report.head_loaded);
+    let from_keras = LoadedModel {
+        vs,
+        net,
+        taxonomy: best.taxonomy.clone(),
+        thresholds: best.thresholds.clone(),
+        image_size: 64,
+        description: String::new(),
+    };
+    let (a, _) = predict_all(&best);
+    let (b, _) = predict_all(&from_keras);
+    let diff = (Tensor::from_slice(&a) - Tensor::from_slice(&b)).abs().max().double_value(&[]);
+    assert!(diff <= 1e-5, "max difference {diff}");
+}
+
+#[test]
+fn resumed_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (notop, data) = (notop(), data());
+    let mut base = vec!["--data", data.to_str().unwrap(), "--init", notop.to_str().unwrap()];
+    base.extend_from_slice(&["--image-size", "64", "--batch-size", "12"]);
+    let mut whole = base.clone();
+    whole.extend_from_slice(&["--epochs", "4", "--run", "whole"]);
+    ok(fit(dir.path(), &whole));
+    let mut part = base.clone();
+    part.extend_from_slice(&["--epochs", "2", "--run", "part"]);
+    ok(fit(dir.path(), &part));
+    let stderr = ok(fit(dir.path(), &["--resume", "runs/part", "--epochs", "4"]));
+    assert!(stderr.contains("resuming runs/part after epoch 2"), "{stderr}");
+
+    let read = |run: &str| trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs").join(run).join("last.ckpt")).unwrap();
+    let (a, b) = (read("whole"), read("part"));
+    assert_eq!(a.meta.epoch, 4);
+    assert_eq!(b.meta.epoch, 4);
+    for (name, t) in &a.tensors {
+        let diff = (t - &b.tensors[name]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name} differs by {diff}");
+    }
+    // Same CSV rows, but for the timing columns.
+    let strip = |rows: Vec<Vec<String>>| -> Vec<Vec<String>> {
+        rows.into_iter()
+            .map(|r| r.into_iter().enumerate().filter(|(i, _)| *i != 6 && *i != 7).map(|(_, v)| v).collect())
+            .collect()
+    };
+    let (ra, rb) = (csv_rows(&dir.path().join("runs/whole")), csv_rows(&dir.path().join("runs/part")));
+    assert_eq!(ra.len(), 5);
+    assert_eq!(strip(ra), strip(rb));
+    assert_eq!(
+        std::fs::read(dir.path().join("runs/whole/val.txt")).unwrap(),
+        std::fs::read(dir.path().join("runs/part/val.txt")).unwrap()
+    );
+}
+
+fn copy_dataset(to: &Path) {
+    for entry in std::fs::read_dir(data()).unwrap() {
+        let tag = entry.unwrap().path();
+        let dst = to.join(tag.file_name().unwrap());
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in std::fs::read_dir(&tag).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn bad_datasets_and_init_files_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    copy_dataset(&d);
+    let data = d.to_str().unwrap().to_string();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--data", &data, "--image-size", "64", "--epochs", "1", "--augment", "none"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        fit(dir.path(), &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // A good run first: its folder must survive the failures below untouched.
+    ok(run(&["--run", "good"]));
+    let good = dir.path().join("runs/good");
+    let snapshot: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&good)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+
+    // A corrupt image is reported by path and left out; training goes on.
+    std::fs::write(d.join("stamp/broken.jpg"), b"\xFF\xD8\xFF\xE0 truncated").unwrap();
+    let stderr = ok(run(&["--run", "with-corrupt"]));
+    assert!(stderr.contains("broken.jpg") && stderr.contains("skipped"), "{stderr}");
+    assert!(stderr.contains("36 images"), "{stderr}");
+
+    // Rerunning into an existing run folder is refused.
+    let stderr = fail(run(&["--run", "good"]));
+    assert!(stderr.contains("already holds a run") && stderr.contains("--resume"), "{stderr}");
+
+    // An --init file of the wrong architecture names the first bad tensor.
+    let wrong = dir.path().join("wrong.h5");
+    {
+        let f = hdf5::File::create(&wrong).unwrap();
+        let names = [hdf5::types::VarLenAscii::from_ascii("stem_conv").unwrap()];
+        f.new_attr::<hdf5::types::VarLenAscii>().shape(1).create("layer_names").unwrap().write_raw(&names).unwrap();
+        let g = f.create_group("stem_conv").unwrap();
+        let wn = [hdf5::types::VarLenAscii::from_ascii("stem_conv/kernel:0").unwrap()];
+        g.new_attr::<hdf5::types::VarLenAscii>().shape(1).create("weight_names").unwrap().write_raw(&wn).unwrap();
+        g.create_group("stem_conv").unwrap().new_dataset::<f32>().shape([3, 3, 3, 48]).create("kernel:0").unwrap();
+    }
+    let stderr = fail(run(&["--run", "wrong-init", "--init", wrong.to_str().unwrap()]));
+    assert!(stderr.contains("wrong.h5") && stderr.contains("stem_conv/stem_conv/kernel:0") && stderr.contains("48"), "{stderr}");
+
+    // An unknown folder lists the unknown and the known tags.
+    std::fs::create_dir_all(d.join("cats")).unwrap();
+    std::fs::copy(common::sample().join("labelled/stamp").read_dir().unwrap().next().unwrap().unwrap().path(), d.join("cats/a.jpg")).unwrap();
+    let stderr = fail(run(&["--run", "unknown"]));
+    assert!(stderr.contains("unknown tag folder(s): cats") && stderr.contains("Known tags:"), "{stderr}");
+    std::fs::remove_dir_all(d.join("cats")).unwrap();
+
+    // A tag folder with no readable image.
+    std::fs::create_dir_all(d.join("picture_person")).unwrap();
+    std::fs::write(d.join("picture_person/notes.txt"), b"no images here").unwrap();
+    let stderr = fail(run(&["--run", "empty-folder"]));
+    assert!(stderr.contains("picture_person") && stderr.contains("no readable image"), "{stderr}");
+    std::fs::remove_dir_all(d.join("picture_person")).unwrap();
+
+    // An empty dataset.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("stamp")).unwrap();
+    let out = fit(dir.path(), &["--data", empty.to_str().unwrap(), "--run", "empty"]);
+    let stderr = fail(out);
+    assert!(stderr.contains("empty"), "{stderr}");
+
+    for (p, bytes) in snapshot {
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
+    }
+    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 5);
+}
