@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 use crate::cli::{FitArgs, InferArgs};
-use crate::model::checkpoint::Checkpoint;
-use crate::train::fit::{self, FitSettings};
 use crate::device;
 use crate::infer::{self, InferOptions};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
+use crate::train::fit::{self, FitSettings};
 
 /// `trainer infer`.
 pub fn infer(args: InferArgs) -> Result<ExitCode> {
@@ -91,7 +91,9 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
     eprintln!(
         "done: {} epochs; best validation loss {}; checkpoints in {}, Keras weights in {}",
         s.epochs_done,
-        s.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "- (no validation)".into()),
+        s.best_val_loss
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or_else(|| "- (no validation)".into()),
         run_dir.display(),
         settings.weights_dir.display()
     );

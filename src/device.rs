@@ -34,9 +34,17 @@ impl DeviceArg {
     /// The device to run on: `auto` picks the first GPU when libtorch sees one. Asking for a GPU
     /// that is not there is an error, not a silent fallback.
     pub fn resolve(self) -> Result<Device> {
-        let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+        let gpus = if tch::Cuda::is_available() {
+            tch::Cuda::device_count() as usize
+        } else {
+            0
+        };
         match self {
-            DeviceArg::Auto => Ok(if gpus > 0 { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceArg::Auto => Ok(if gpus > 0 {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }),
             DeviceArg::Cpu => Ok(Device::Cpu),
             DeviceArg::Cuda(n) if n < gpus => Ok(Device::Cuda(n)),
             DeviceArg::Cuda(n) => {

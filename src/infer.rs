@@ -55,21 +55,33 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn is_hidden(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
 }
 
 /// The folders to tag: each subfolder of `input`, plus the files directly inside `input` (written
 /// to a file named after `input`). Every file is tried; what is not an image is reported later.
 pub fn discover(input: &Path) -> Result<Vec<Folder>> {
     if !input.is_dir() {
-        bail!("input folder {} does not exist or is not a folder", input.display());
+        bail!(
+            "input folder {} does not exist or is not a folder",
+            input.display()
+        );
     }
     let mut folders = Vec::new();
     let mut loose = Vec::new();
     for entry in sorted_entries(input)? {
         if entry.is_dir() {
-            let files = sorted_entries(&entry)?.into_iter().filter(|p| p.is_file()).collect();
-            let name = entry.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let files = sorted_entries(&entry)?
+                .into_iter()
+                .filter(|p| p.is_file())
+                .collect();
+            let name = entry
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             folders.push(Folder { name, files });
         } else if entry.is_file() {
             loose.push(entry);
@@ -121,14 +133,22 @@ pub fn to_python_json(value: &Value) -> String {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
             w.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -138,7 +158,11 @@ impl serde_json::ser::Formatter for PythonFormatter {
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         w.write_all(b": ")
     }
-    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
         for c in fragment.chars() {
             if c.is_ascii() {
                 w.write_all(&[c as u8])?;
@@ -161,7 +185,10 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     let start = Instant::now();
     let folders = discover(&opts.input)?;
     if folders.is_empty() {
-        bail!("{}: no images and no subfolders to tag", opts.input.display());
+        bail!(
+            "{}: no images and no subfolders to tag",
+            opts.input.display()
+        );
     }
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("cannot create output folder {}", opts.output.display()))?;
@@ -200,7 +227,12 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
             let decoded: Decoded = chunk
                 .par_iter()
                 .enumerate()
-                .map(|(j, p)| (chunk_index * batch + j, load_resized(p, size).map_err(|e| e.to_string())))
+                .map(|(j, p)| {
+                    (
+                        chunk_index * batch + j,
+                        load_resized(p, size).map_err(|e| e.to_string()),
+                    )
+                })
                 .collect();
             if tx.send(decoded).is_err() {
                 break;
@@ -223,16 +255,30 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
                 }
                 Err(reason) => {
                     bar.suspend(|| eprintln!("skipped {reason}"));
-                    summary.skipped.push((files[*index].1.clone(), reason.clone()));
+                    summary
+                        .skipped
+                        .push((files[*index].1.clone(), reason.clone()));
                 }
             }
         }
-        let probs = if ok.is_empty() { Vec::new() } else { model.predict(&pixels, ok.len()) };
+        let probs = if ok.is_empty() {
+            Vec::new()
+        } else {
+            model.predict(&pixels, ok.len())
+        };
         let n_labels = model.taxonomy.labels.len();
         for (k, index) in ok.iter().enumerate() {
             let (folder, path) = &files[*index];
-            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            let value = tags(&probs[k * n_labels..(k + 1) * n_labels], &model.taxonomy.labels, &thresholds);
+            let stem = path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let value = tags(
+                &probs[k * n_labels..(k + 1) * n_labels],
+                &model.taxonomy.labels,
+                &thresholds,
+            );
             if results[*folder].insert(stem.clone(), value).is_some() {
                 bar.suspend(|| eprintln!("warning: {}: another file in this folder has the stem '{stem}'; the last one is kept", path.display()));
             }
@@ -259,7 +305,10 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
 
 fn write_folder(output: &Path, folder: &Folder, result: &Map<String, Value>) -> Result<()> {
     let path = output.join(format!("{}.json", folder.name));
-    write_atomic(&path, to_python_json(&Value::Object(result.clone())).as_bytes())
+    write_atomic(
+        &path,
+        to_python_json(&Value::Object(result.clone())).as_bytes(),
+    )
 }
 
 #[cfg(test)]
@@ -289,7 +338,12 @@ mod tests {
     #[test]
     fn per_label_thresholds_apply() {
         let v = tags(&[0.3, 0.3, 0.3], &labels(), &[0.2, 0.5, 0.29]);
-        let names: Vec<&str> = v.as_array().unwrap().iter().map(|t| t["tag"].as_str().unwrap()).collect();
+        let names: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tag"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["a", "c"]);
     }
 
@@ -314,7 +368,11 @@ mod tests {
         let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["scans", "a1", "b2"]);
         assert!(folders[1].files.is_empty());
-        let files: Vec<String> = folders[2].files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
+        let files: Vec<String> = folders[2]
+            .files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into())
+            .collect();
         assert_eq!(files, ["x.jpg", "y.jpg"]);
     }
 }

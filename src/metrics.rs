@@ -49,7 +49,10 @@ pub fn count(probs: &[f32], targets: &[f32], n_labels: usize, thresholds: &[f32]
     assert_eq!(probs.len(), targets.len());
     assert_eq!(thresholds.len(), n_labels);
     let mut counts = vec![Counts::default(); n_labels];
-    for (row_p, row_t) in probs.chunks_exact(n_labels).zip(targets.chunks_exact(n_labels)) {
+    for (row_p, row_t) in probs
+        .chunks_exact(n_labels)
+        .zip(targets.chunks_exact(n_labels))
+    {
         for (l, c) in counts.iter_mut().enumerate() {
             match (row_p[l] > thresholds[l], row_t[l] >= 0.5) {
                 (true, true) => c.tp += 1,
@@ -73,7 +76,11 @@ pub fn micro_f1(counts: &[Counts]) -> f64 {
 
 /// Mean F1 over the labels with at least one positive; `None` when no label has one.
 pub fn macro_f1(counts: &[Counts]) -> Option<f64> {
-    let present: Vec<f64> = counts.iter().filter(|c| c.support() > 0).map(Counts::f1).collect();
+    let present: Vec<f64> = counts
+        .iter()
+        .filter(|c| c.support() > 0)
+        .map(Counts::f1)
+        .collect();
     (!present.is_empty()).then(|| present.iter().sum::<f64>() / present.len() as f64)
 }
 
@@ -103,8 +110,24 @@ mod tests {
         let probs = [0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.4, 0.3];
         let targets = [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0];
         let c = count(&probs, &targets, 2, &T);
-        assert_eq!(c[0], Counts { tp: 2, fp: 0, fn_: 1, tn: 1 });
-        assert_eq!(c[1], Counts { tp: 1, fp: 1, fn_: 0, tn: 2 });
+        assert_eq!(
+            c[0],
+            Counts {
+                tp: 2,
+                fp: 0,
+                fn_: 1,
+                tn: 1
+            }
+        );
+        assert_eq!(
+            c[1],
+            Counts {
+                tp: 1,
+                fp: 1,
+                fn_: 0,
+                tn: 2
+            }
+        );
         assert!((c[0].precision() - 1.0).abs() < 1e-12);
         assert!((c[0].recall() - 2.0 / 3.0).abs() < 1e-12);
         assert!((c[0].f1() - 0.8).abs() < 1e-12);

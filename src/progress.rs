@@ -15,7 +15,9 @@ pub fn install_ctrlc_handler() {
             eprintln!("\ninterrupted again: exiting now");
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt received: finishing the current step (Ctrl-C again to exit at once)");
+        eprintln!(
+            "\ninterrupt received: finishing the current step (Ctrl-C again to exit at once)"
+        );
     });
 }
 
@@ -27,9 +29,8 @@ pub fn interrupted() -> bool {
 /// A bar over `len` items; drawn on stderr only when it is a terminal.
 pub fn bar(len: u64, unit: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(len), draw_target());
-    let template = format!(
-        "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}} {{msg}}"
-    );
+    let template =
+        format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}} {{msg}}");
     pb.set_style(
         ProgressStyle::with_template(&template)
             .expect("valid template")

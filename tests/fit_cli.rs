@@ -60,21 +60,47 @@ fn csv_rows(run: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-const SMALL: &[&str] = &["--image-size", "64", "--augment", "none", "--batch-size", "12"];
+const SMALL: &[&str] = &[
+    "--image-size",
+    "64",
+    "--augment",
+    "none",
+    "--batch-size",
+    "12",
+];
 
 #[test]
 fn learns_the_sample_from_the_imagenet_style_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let notop = notop();
     let data = data();
-    let mut args = vec!["--data", data.to_str().unwrap(), "--init", notop.to_str().unwrap()];
+    let mut args = vec![
+        "--data",
+        data.to_str().unwrap(),
+        "--init",
+        notop.to_str().unwrap(),
+    ];
     args.extend_from_slice(SMALL);
-    args.extend_from_slice(&["--val-fraction", "0", "--epochs", "40", "--lr", "1e-3", "--run", "learn"]);
+    args.extend_from_slice(&[
+        "--val-fraction",
+        "0",
+        "--epochs",
+        "40",
+        "--lr",
+        "1e-3",
+        "--run",
+        "learn",
+    ]);
     ok(fit(dir.path(), &args));
     let rows = csv_rows(&dir.path().join("runs/learn"));
     assert_eq!(rows.len(), 41);
     let loss = |r: &Vec<String>| r[1].parse::<f64>().unwrap();
-    assert!(loss(&rows[40]) < 0.5 * loss(&rows[1]), "training loss fell: {} -> {}", loss(&rows[1]), loss(&rows[40]));
+    assert!(
+        loss(&rows[40]) < 0.5 * loss(&rows[1]),
+        "training loss fell: {} -> {}",
+        loss(&rows[1]),
+        loss(&rows[40])
+    );
     let model = LoadedModel::load(&dir.path().join("runs/learn/best.ckpt"), Device::Cpu).unwrap();
     let (probs, targets) = predict_all(&model);
     let counts = metrics::count(&probs, &targets, 11, &[0.5; 11]);
@@ -86,12 +112,20 @@ fn learns_the_sample_from_the_imagenet_style_backbone() {
 fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
     let dir = tempfile::tempdir().unwrap();
     let (notop, data) = (notop(), data());
-    let mut args = vec!["--data", data.to_str().unwrap(), "--init", notop.to_str().unwrap()];
+    let mut args = vec![
+        "--data",
+        data.to_str().unwrap(),
+        "--init",
+        notop.to_str().unwrap(),
+    ];
     args.extend_from_slice(SMALL);
     args.extend_from_slice(&["--epochs", "2", "--run", "rt"]);
     ok(fit(dir.path(), &args));
     let best = LoadedModel::load(&dir.path().join("runs/rt/best.ckpt"), Device::Cpu).unwrap();
-    let best_meta = trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs/rt/best.ckpt")).unwrap().meta;
+    let best_meta =
+        trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs/rt/best.ckpt"))
+            .unwrap()
+            .meta;
     let name = format!("val_loss{:.3}.hdf5", best_meta.val_loss.unwrap());
     let hdf5 = dir.path().join("weights_pdm_multi").join(name);
     assert!(hdf5.is_file(), "{} missing", hdf5.display());
@@ -110,7 +144,10 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
     };
     let (a, _) = predict_all(&best);
     let (b, _) = predict_all(&from_keras);
-    let diff = (Tensor::from_slice(&a) - Tensor::from_slice(&b)).abs().max().double_value(&[]);
+    let diff = (Tensor::from_slice(&a) - Tensor::from_slice(&b))
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff <= 1e-5, "max difference {diff}");
 }
 
@@ -118,7 +155,12 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
 fn resumed_run_equals_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let (notop, data) = (notop(), data());
-    let mut base = vec!["--data", data.to_str().unwrap(), "--init", notop.to_str().unwrap()];
+    let mut base = vec![
+        "--data",
+        data.to_str().unwrap(),
+        "--init",
+        notop.to_str().unwrap(),
+    ];
     base.extend_from_slice(&["--image-size", "64", "--batch-size", "12"]);
     let mut whole = base.clone();
     whole.extend_from_slice(&["--epochs", "4", "--run", "whole"]);
@@ -127,9 +169,17 @@ fn resumed_run_equals_an_uninterrupted_one() {
     part.extend_from_slice(&["--epochs", "2", "--run", "part"]);
     ok(fit(dir.path(), &part));
     let stderr = ok(fit(dir.path(), &["--resume", "runs/part", "--epochs", "4"]));
-    assert!(stderr.contains("resuming runs/part after epoch 2"), "{stderr}");
+    assert!(
+        stderr.contains("resuming runs/part after epoch 2"),
+        "{stderr}"
+    );
 
-    let read = |run: &str| trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs").join(run).join("last.ckpt")).unwrap();
+    let read = |run: &str| {
+        trainer::model::checkpoint::Checkpoint::read(
+            &dir.path().join("runs").join(run).join("last.ckpt"),
+        )
+        .unwrap()
+    };
     let (a, b) = (read("whole"), read("part"));
     assert_eq!(a.meta.epoch, 4);
     assert_eq!(b.meta.epoch, 4);
@@ -140,10 +190,19 @@ fn resumed_run_equals_an_uninterrupted_one() {
     // Same CSV rows, but for the timing columns.
     let strip = |rows: Vec<Vec<String>>| -> Vec<Vec<String>> {
         rows.into_iter()
-            .map(|r| r.into_iter().enumerate().filter(|(i, _)| *i != 6 && *i != 7).map(|(_, v)| v).collect())
+            .map(|r| {
+                r.into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != 6 && *i != 7)
+                    .map(|(_, v)| v)
+                    .collect()
+            })
             .collect()
     };
-    let (ra, rb) = (csv_rows(&dir.path().join("runs/whole")), csv_rows(&dir.path().join("runs/part")));
+    let (ra, rb) = (
+        csv_rows(&dir.path().join("runs/whole")),
+        csv_rows(&dir.path().join("runs/part")),
+    );
     assert_eq!(ra.len(), 5);
     assert_eq!(strip(ra), strip(rb));
     assert_eq!(
@@ -171,16 +230,28 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     copy_dataset(&d);
     let data = d.to_str().unwrap().to_string();
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["--data", &data, "--image-size", "64", "--epochs", "1", "--augment", "none"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "--data",
+            &data,
+            "--image-size",
+            "64",
+            "--epochs",
+            "1",
+            "--augment",
+            "none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let run = |extra: &[&str]| {
         let a = args(extra);
-        fit(dir.path(), &a.iter().map(String::as_str).collect::<Vec<_>>())
+        fit(
+            dir.path(),
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
     };
 
     // A good run first: its folder must survive the failures below untouched.
@@ -198,45 +269,96 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     // A corrupt image is reported by path and left out; training goes on.
     std::fs::write(d.join("stamp/broken.jpg"), b"\xFF\xD8\xFF\xE0 truncated").unwrap();
     let stderr = ok(run(&["--run", "with-corrupt"]));
-    assert!(stderr.contains("broken.jpg") && stderr.contains("skipped"), "{stderr}");
+    assert!(
+        stderr.contains("broken.jpg") && stderr.contains("skipped"),
+        "{stderr}"
+    );
     assert!(stderr.contains("36 images"), "{stderr}");
 
     // Rerunning into an existing run folder is refused.
     let stderr = fail(run(&["--run", "good"]));
-    assert!(stderr.contains("already holds a run") && stderr.contains("--resume"), "{stderr}");
+    assert!(
+        stderr.contains("already holds a run") && stderr.contains("--resume"),
+        "{stderr}"
+    );
 
     // An --init file of the wrong architecture names the first bad tensor.
     let wrong = dir.path().join("wrong.h5");
     {
         let f = hdf5::File::create(&wrong).unwrap();
         let names = [hdf5::types::VarLenAscii::from_ascii("stem_conv").unwrap()];
-        f.new_attr::<hdf5::types::VarLenAscii>().shape(1).create("layer_names").unwrap().write_raw(&names).unwrap();
+        f.new_attr::<hdf5::types::VarLenAscii>()
+            .shape(1)
+            .create("layer_names")
+            .unwrap()
+            .write_raw(&names)
+            .unwrap();
         let g = f.create_group("stem_conv").unwrap();
         let wn = [hdf5::types::VarLenAscii::from_ascii("stem_conv/kernel:0").unwrap()];
-        g.new_attr::<hdf5::types::VarLenAscii>().shape(1).create("weight_names").unwrap().write_raw(&wn).unwrap();
-        g.create_group("stem_conv").unwrap().new_dataset::<f32>().shape([3, 3, 3, 48]).create("kernel:0").unwrap();
+        g.new_attr::<hdf5::types::VarLenAscii>()
+            .shape(1)
+            .create("weight_names")
+            .unwrap()
+            .write_raw(&wn)
+            .unwrap();
+        g.create_group("stem_conv")
+            .unwrap()
+            .new_dataset::<f32>()
+            .shape([3, 3, 3, 48])
+            .create("kernel:0")
+            .unwrap();
     }
-    let stderr = fail(run(&["--run", "wrong-init", "--init", wrong.to_str().unwrap()]));
-    assert!(stderr.contains("wrong.h5") && stderr.contains("stem_conv/stem_conv/kernel:0") && stderr.contains("48"), "{stderr}");
+    let stderr = fail(run(&[
+        "--run",
+        "wrong-init",
+        "--init",
+        wrong.to_str().unwrap(),
+    ]));
+    assert!(
+        stderr.contains("wrong.h5")
+            && stderr.contains("stem_conv/stem_conv/kernel:0")
+            && stderr.contains("48"),
+        "{stderr}"
+    );
 
     // An unknown folder lists the unknown and the known tags.
     std::fs::create_dir_all(d.join("cats")).unwrap();
-    std::fs::copy(common::sample().join("labelled/stamp").read_dir().unwrap().next().unwrap().unwrap().path(), d.join("cats/a.jpg")).unwrap();
+    std::fs::copy(
+        common::sample()
+            .join("labelled/stamp")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        d.join("cats/a.jpg"),
+    )
+    .unwrap();
     let stderr = fail(run(&["--run", "unknown"]));
-    assert!(stderr.contains("unknown tag folder(s): cats") && stderr.contains("Known tags:"), "{stderr}");
+    assert!(
+        stderr.contains("unknown tag folder(s): cats") && stderr.contains("Known tags:"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(d.join("cats")).unwrap();
 
     // A tag folder with no readable image.
     std::fs::create_dir_all(d.join("picture_person")).unwrap();
     std::fs::write(d.join("picture_person/notes.txt"), b"no images here").unwrap();
     let stderr = fail(run(&["--run", "empty-folder"]));
-    assert!(stderr.contains("picture_person") && stderr.contains("no readable image"), "{stderr}");
+    assert!(
+        stderr.contains("picture_person") && stderr.contains("no readable image"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(d.join("picture_person")).unwrap();
 
     // An empty dataset.
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(empty.join("stamp")).unwrap();
-    let out = fit(dir.path(), &["--data", empty.to_str().unwrap(), "--run", "empty"]);
+    let out = fit(
+        dir.path(),
+        &["--data", empty.to_str().unwrap(), "--run", "empty"],
+    );
     let stderr = fail(out);
     assert!(stderr.contains("empty"), "{stderr}");
 

@@ -20,8 +20,19 @@ fn oracle_probs() -> std::collections::HashMap<String, Vec<f64>> {
         .unwrap()
         .iter()
         .map(|(p, v)| {
-            let stem = Path::new(p).file_stem().unwrap().to_string_lossy().into_owned();
-            (stem, v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            let stem = Path::new(p)
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (
+                stem,
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -30,7 +41,12 @@ fn tag_map(list: &Value) -> std::collections::BTreeMap<String, f64> {
     list.as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["tag"].as_str().unwrap().to_string(), t["confidence"].as_f64().unwrap()))
+        .map(|t| {
+            (
+                t["tag"].as_str().unwrap().to_string(),
+                t["confidence"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -46,16 +62,25 @@ fn assert_same_json(ours: &Value, theirs: &Value, file: &str) {
     let (ours, theirs) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
     let our_keys: Vec<&String> = ours.keys().collect();
     let their_keys: Vec<&String> = theirs.keys().collect();
-    assert_eq!(our_keys, their_keys, "{file}: image keys or their order differ");
+    assert_eq!(
+        our_keys, their_keys,
+        "{file}: image keys or their order differ"
+    );
     for (stem, their_tags) in theirs {
         let (a, b) = (tag_map(&ours[stem]), tag_map(their_tags));
         for label in a.keys().chain(b.keys()) {
             match (a.get(label), b.get(label)) {
-                (Some(x), Some(y)) => assert!((x - y).abs() <= 0.001 + 1e-9, "{file} {stem} {label}: {x} vs {y}"),
+                (Some(x), Some(y)) => assert!(
+                    (x - y).abs() <= 0.001 + 1e-9,
+                    "{file} {stem} {label}: {x} vs {y}"
+                ),
                 _ => {
                     let i = classes.iter().position(|c| c == label).unwrap();
                     let p = probs[stem][i];
-                    assert!((p - 0.4).abs() <= 0.001, "{file} {stem}: tag {label} (p={p}) present in only one output");
+                    assert!(
+                        (p - 0.4).abs() <= 0.001,
+                        "{file} {stem}: tag {label} (p={p}) present in only one output"
+                    );
                 }
             }
         }
@@ -126,7 +151,9 @@ fn unreadable_files_are_reported_and_skipped() {
     assert!(output.status.success(), "{stderr}");
     for bad in ["corrupt.jpg", "garbage.jpg", "empty.jpg", "notes.txt"] {
         assert!(
-            stderr.lines().any(|l| l.contains(bad) && l.contains("skipped")),
+            stderr
+                .lines()
+                .any(|l| l.contains(bad) && l.contains("skipped")),
             "{bad} not reported:\n{stderr}"
         );
     }
@@ -148,7 +175,10 @@ fn infer_error(weights: &Path) -> String {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(!dir.path().join("out").exists(), "nothing is written when the weights are refused");
+    assert!(
+        !dir.path().join("out").exists(),
+        "nothing is written when the weights are refused"
+    );
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
@@ -158,10 +188,16 @@ fn wrong_weights_files_are_refused_with_the_reason() {
     let text = dir.path().join("weights.hdf5");
     std::fs::write(&text, b"this is not HDF5").unwrap();
     let err = infer_error(&text);
-    assert!(err.contains("weights.hdf5") && err.contains("unknown weights format"), "{err}");
+    assert!(
+        err.contains("weights.hdf5") && err.contains("unknown weights format"),
+        "{err}"
+    );
 
     let err = infer_error(&dir.path().join("missing.hdf5"));
-    assert!(err.contains("missing.hdf5") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("missing.hdf5") && err.contains("does not exist"),
+        "{err}"
+    );
 
     let err = infer_error(&common::oracle().join("b0_notop_weights.h5"));
     assert!(err.contains("only the backbone"), "{err}");

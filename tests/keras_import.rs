@@ -12,12 +12,22 @@ use trainer::model::keras::{self, KerasError};
 
 fn model(num_classes: i64) -> (nn::VarStore, Tagger) {
     let vs = nn::VarStore::new(Device::Cpu);
-    let net = Tagger::new(&vs.root(), TaggerConfig { num_classes, ..Default::default() });
+    let net = Tagger::new(
+        &vs.root(),
+        TaggerConfig {
+            num_classes,
+            ..Default::default()
+        },
+    );
     (vs, net)
 }
 
 fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs.variables().into_iter().map(|(k, t)| (k, t.copy())).collect();
+    let mut v: Vec<_> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.copy()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -35,7 +45,9 @@ fn edited(name: &str, edit: impl FnOnce(&hdf5::Group)) -> (tempfile::TempDir, Pa
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     {
         let file = hdf5::File::open_rw(&path).unwrap();
-        let root = file.group("model_weights").unwrap_or_else(|_| file.as_group().unwrap());
+        let root = file
+            .group("model_weights")
+            .unwrap_or_else(|_| file.as_group().unwrap());
         edit(&root);
     }
     (dir, path)
@@ -47,7 +59,12 @@ fn wrong_number_of_classes_names_the_head_kernel() {
     let before = snapshot(&vs);
     let err = keras::load(&common::oracle().join("ndl_b0_model.hdf5"), &vs).unwrap_err();
     match &err {
-        KerasError::Shape { tensor, found, expected, .. } => {
+        KerasError::Shape {
+            tensor,
+            found,
+            expected,
+            ..
+        } => {
             assert_eq!(tensor, "dense_2/dense_2/kernel:0");
             assert_eq!(found, &[512, 11]);
             assert_eq!(expected, &[512, 5]);
@@ -55,7 +72,10 @@ fn wrong_number_of_classes_names_the_head_kernel() {
         other => panic!("unexpected error {other}"),
     }
     assert!(err.to_string().contains("ndl_b0_model.hdf5"));
-    assert!(unchanged(&vs, &before), "a refused file must not change the model");
+    assert!(
+        unchanged(&vs, &before),
+        "a refused file must not change the model"
+    );
 }
 
 #[test]
@@ -72,8 +92,12 @@ fn backbone_only_file_leaves_the_head_and_says_so() {
 #[test]
 fn a_missing_tensor_is_named() {
     let (_dir, path) = edited("ndl_b0_weights.h5", |root| {
-        root.unlink("block3b_dwconv/block3b_dwconv/depthwise_kernel:0").unwrap();
-        root.group("block3b_dwconv").unwrap().delete_attr("weight_names").unwrap();
+        root.unlink("block3b_dwconv/block3b_dwconv/depthwise_kernel:0")
+            .unwrap();
+        root.group("block3b_dwconv")
+            .unwrap()
+            .delete_attr("weight_names")
+            .unwrap();
         root.group("block3b_dwconv")
             .unwrap()
             .new_attr::<f64>()
@@ -85,7 +109,11 @@ fn a_missing_tensor_is_named() {
     let before = snapshot(&vs);
     let err = keras::load(&path, &vs).unwrap_err();
     assert!(matches!(err, KerasError::Missing { .. }), "{err}");
-    assert!(err.to_string().contains("block3b_dwconv/depthwise_kernel:0"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("block3b_dwconv/depthwise_kernel:0"),
+        "{err}"
+    );
     assert!(unchanged(&vs, &before));
 }
 
@@ -98,17 +126,28 @@ fn a_tensor_of_the_wrong_shape_is_named() {
     });
     let (vs, _net) = model(11);
     let err = keras::load(&path, &vs).unwrap_err().to_string();
-    assert!(err.contains("block2a_se_reduce/block2a_se_reduce/bias:0") && err.contains("[7]"), "{err}");
+    assert!(
+        err.contains("block2a_se_reduce/block2a_se_reduce/bias:0") && err.contains("[7]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_file_without_layer_names_is_not_keras() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.h5");
-    hdf5::File::create(&path).unwrap().new_dataset::<f32>().shape(3).create("x").unwrap();
+    hdf5::File::create(&path)
+        .unwrap()
+        .new_dataset::<f32>()
+        .shape(3)
+        .create("x")
+        .unwrap();
     let (vs, _net) = model(11);
     let err = keras::load(&path, &vs).unwrap_err().to_string();
-    assert!(err.contains("other.h5") && err.contains("not a Keras weights file"), "{err}");
+    assert!(
+        err.contains("other.h5") && err.contains("not a Keras weights file"),
+        "{err}"
+    );
     assert!(keras::load(Path::new("/nonexistent.h5"), &vs).is_err());
 }
 
@@ -135,7 +174,9 @@ fn exported_weights_read_back_identically_with_the_oracle_layout() {
     for layer in names(&theirs) {
         let wn = |f: &hdf5::File| -> Vec<String> {
             let a = f.group(&layer).unwrap().attr("weight_names").unwrap();
-            a.read_raw::<hdf5::types::VarLenAscii>().map(|v| v.iter().map(|s| s.to_string()).collect()).unwrap_or_default()
+            a.read_raw::<hdf5::types::VarLenAscii>()
+                .map(|v| v.iter().map(|s| s.to_string()).collect())
+                .unwrap_or_default()
         };
         assert_eq!(wn(&ours), wn(&theirs), "weight_names of {layer}");
     }
@@ -148,5 +189,9 @@ fn exported_weights_read_back_identically_with_the_oracle_layout() {
         assert_eq!(x.shape, y.shape, "{}", x.name);
         assert_eq!(x.data, y.data, "{}", x.name);
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
 }

@@ -24,11 +24,23 @@ fn resize_equals_opencv_byte_for_byte() {
         let theirs = Vec::<u8>::try_from(expected.get(i as i64).flatten(0, -1)).unwrap();
         let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
         if differing > 0 {
-            let max = ours.iter().zip(&theirs).map(|(a, b)| (*a as i32 - *b as i32).abs()).max();
-            bad.push(format!("{}: {differing} bytes differ (max {max:?})", path.display()));
+            let max = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (*a as i32 - *b as i32).abs())
+                .max();
+            bad.push(format!(
+                "{}: {differing} bytes differ (max {max:?})",
+                path.display()
+            ));
         }
     }
-    assert!(bad.is_empty(), "{} of 96 images differ:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of 96 images differ:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 fn probs_from(file: &str) -> (Tensor, keras::ImportReport) {
@@ -37,7 +49,13 @@ fn probs_from(file: &str) -> (Tensor, keras::ImportReport) {
     let report = keras::load(&common::oracle().join(file), &vs).expect("loads");
     let x = oracle_inputs().permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
     let probs = tch::no_grad(|| {
-        Tensor::cat(&x.split(16, 0).iter().map(|b| model.forward_t(b, false).sigmoid()).collect::<Vec<_>>(), 0)
+        Tensor::cat(
+            &x.split(16, 0)
+                .iter()
+                .map(|b| model.forward_t(b, false).sigmoid())
+                .collect::<Vec<_>>(),
+            0,
+        )
     });
     (probs, report)
 }

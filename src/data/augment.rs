@@ -12,7 +12,9 @@ use rand::{Rng, RngCore};
 use tch::{Device, Kind, Tensor};
 
 /// Which augmentations `fit` applies to training batches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Augment {
     /// The original list (see the module documentation).
@@ -28,17 +30,23 @@ pub fn to_input(pixels: &Tensor) -> Tensor {
 
 fn per_image(values: Vec<f32>, device: Device) -> Tensor {
     let n = values.len() as i64;
-    Tensor::from_slice(&values).view([n, 1, 1, 1]).to_device(device)
+    Tensor::from_slice(&values)
+        .view([n, 1, 1, 1])
+        .to_device(device)
 }
 
-/// A 0/1 mask per image with probability `p` of 1.
-fn coin(rng: &mut impl RngCore, n: usize, p: f64) -> Vec<f32> {
-    (0..n).map(|_| if rng.gen_bool(p) { 1.0 } else { 0.0 }).collect()
+/// The images (indices) an operation of probability `p` applies to.
+fn chosen(rng: &mut impl RngCore, n: usize, p: f64) -> Vec<i64> {
+    (0..n as i64).filter(|_| rng.gen_bool(p)).collect()
 }
 
-/// Where `mask` is 1, `a`; else `b`.
-fn select(mask: &Tensor, a: &Tensor, b: &Tensor) -> Tensor {
-    a * mask + b * (1.0 - mask)
+/// `x` with `f` applied to the images `which` only (the others are not computed at all).
+fn apply_to(x: &Tensor, which: &[i64], f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+    if which.is_empty() {
+        return x.shallow_clone();
+    }
+    let idx = Tensor::from_slice(which).to_device(x.device());
+    x.index_copy(0, &idx, &f(&x.index_select(0, &idx)))
 }
 
 /// Draws a `RandomResizedCrop` box as albumentations does: up to 10 tries of an area in
@@ -48,7 +56,9 @@ fn crop_box(rng: &mut impl RngCore, size: usize) -> (f64, f64, f64, f64) {
     let area = (size * size) as f64;
     for _ in 0..10 {
         let target = area * rng.gen_range(0.9..1.1);
-        let ratio = rng.gen_range((3.0f64 / 4.0).ln()..(4.0f64 / 3.0).ln()).exp();
+        let ratio = rng
+            .gen_range((3.0f64 / 4.0).ln()..(4.0f64 / 3.0).ln())
+            .exp();
         let w = (target * ratio).sqrt().round();
         let h = (target / ratio).sqrt().round();
         if w > 0.0 && h > 0.0 && w <= size as f64 && h <= size as f64 {
@@ -98,29 +108,28 @@ pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor
     let dev = x.device();
 
     // ToGray (albumentations' RGB weights applied to channels 0, 1, 2).
-    let gray_mask = per_image(coin(rng, n, 0.5), dev);
-    let gray = (x.select(1, 0) * 0.299 + x.select(1, 1) * 0.587 + x.select(1, 2) * 0.114)
-        .unsqueeze(1)
-        .expand_as(&x);
-    let x = select(&gray_mask, &gray, &x);
+    let x = apply_to(&x, &chosen(rng, n, 0.5), |t| {
+        (t.select(1, 0) * 0.299 + t.select(1, 1) * 0.587 + t.select(1, 2) * 0.114)
+            .unsqueeze(1)
+            .expand([-1, 3, -1, -1], false)
+    });
     // Flips.
-    let h_mask = per_image(coin(rng, n, 0.5), dev);
-    let x = select(&h_mask, &x.flip([3]), &x);
-    let v_mask = per_image(coin(rng, n, 0.2), dev);
-    let x = select(&v_mask, &x.flip([2]), &x);
-    // RandomGamma: x ** gamma.
-    let gammas: Vec<f32> = (0..n)
-        .map(|_| {
-            let on = rng.gen_bool(0.5);
-            let g = rng.gen_range(0.8..1.2f32);
-            if on {
-                g
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let x = x.clamp_min(0.0).pow(&per_image(gammas, dev));
+    let x = apply_to(&x, &chosen(rng, n, 0.5), |t| t.flip([3]));
+    let x = apply_to(&x, &chosen(rng, n, 0.2), |t| t.flip([2]));
+    // RandomGamma: x ** gamma, gamma in [0.8, 1.2].
+    let mut gammas = Vec::new();
+    let mut which = Vec::new();
+    for i in 0..n {
+        let on = rng.gen_bool(0.5);
+        let g = rng.gen_range(0.8..1.2f32);
+        if on {
+            which.push(i as i64);
+            gammas.push(g);
+        }
+    }
+    let x = apply_to(&x, &which, |t| {
+        t.clamp_min(0.0).pow(&per_image(gammas, dev))
+    });
     // RandomBrightness: x + beta (beta in units of the maximum value).
     let betas: Vec<f32> = (0..n)
         .map(|_| {
@@ -134,22 +143,32 @@ pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor
         })
         .collect();
     let x = (x + per_image(betas, dev)).clamp(0.0, 1.0);
-    // HueSaturationValue: OpenCV 8-bit units (hue of 180, sat and val of 255).
-    let mut hue = Vec::with_capacity(n);
-    let mut sat = Vec::with_capacity(n);
-    let mut val = Vec::with_capacity(n);
-    for _ in 0..n {
-        let on = rng.gen_bool(0.5) as i32 as f32;
-        hue.push(on * rng.gen_range(-5.0..5.0f32) / 180.0);
-        sat.push(on * rng.gen_range(-20.0..20.0f32) / 255.0);
-        val.push(on * rng.gen_range(-10.0..10.0f32) / 255.0);
+    // HueSaturationValue: OpenCV 8-bit units (hue of 180, sat and val of 255); computed only for
+    // the images it applies to.
+    let mut hsv_images: Vec<i64> = Vec::new();
+    let (mut hue, mut sat, mut val) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let on = rng.gen_bool(0.5);
+        let (dh, ds, dv) = (
+            rng.gen_range(-5.0..5.0f32) / 180.0,
+            rng.gen_range(-20.0..20.0f32) / 255.0,
+            rng.gen_range(-10.0..10.0f32) / 255.0,
+        );
+        if on {
+            hsv_images.push(i as i64);
+            hue.push(dh);
+            sat.push(ds);
+            val.push(dv);
+        }
     }
-    let squeeze = |v: Vec<f32>| per_image(v, dev).squeeze_dim(1);
-    let (h, sa, va) = rgb_to_hsv(&x);
-    let h = (h + squeeze(hue)).remainder(1.0);
-    let sa = (sa + squeeze(sat)).clamp(0.0, 1.0);
-    let va = (va + squeeze(val)).clamp(0.0, 1.0);
-    let x = hsv_to_rgb(&h, &sa, &va);
+    let x = apply_to(&x, &hsv_images, |t| {
+        let squeeze = |v: Vec<f32>| per_image(v, dev).squeeze_dim(1);
+        let (h, sa, va) = rgb_to_hsv(t);
+        let h = (h + squeeze(hue)).remainder(1.0);
+        let sa = (sa + squeeze(sat)).clamp(0.0, 1.0);
+        let va = (va + squeeze(val)).clamp(0.0, 1.0);
+        hsv_to_rgb(&h, &sa, &va)
+    });
     // ShiftScaleRotate (p=0.5) then RandomResizedCrop (p=1), composed into one resampling.
     let mut theta = Vec::with_capacity(n * 6);
     for _ in 0..n {
@@ -158,11 +177,18 @@ pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor
         let dy = rng.gen_range(-0.0625..0.0625f64);
         let scale = rng.gen_range(0.9..1.1f64);
         let angle = rng.gen_range(-90.0..90.0f64).to_radians();
-        let (dx, dy, scale, angle) = if on { (dx, dy, scale, angle) } else { (0.0, 0.0, 1.0, 0.0) };
+        let (dx, dy, scale, angle) = if on {
+            (dx, dy, scale, angle)
+        } else {
+            (0.0, 0.0, 1.0, 0.0)
+        };
         let (x0, y0, w, h) = crop_box(rng, s);
         // Crop: output u in [-1, 1] -> point c + u * half in the SSR output (normalised coords).
         let sf = s as f64;
-        let (cx, cy) = ((x0 + w / 2.0) / sf * 2.0 - 1.0, (y0 + h / 2.0) / sf * 2.0 - 1.0);
+        let (cx, cy) = (
+            (x0 + w / 2.0) / sf * 2.0 - 1.0,
+            (y0 + h / 2.0) / sf * 2.0 - 1.0,
+        );
         let (hx, hy) = (w / sf, h / sf);
         // SSR maps source p to scale * R(angle) p + t; invert it: p = R(-angle) (q - t) / scale.
         let (tx, ty) = (2.0 * dx, 2.0 * dy);
@@ -178,7 +204,9 @@ pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor
             (sin * qx + cos * qy) as f32,
         ]);
     }
-    let theta = Tensor::from_slice(&theta).view([n as i64, 2, 3]).to_device(dev);
+    let theta = Tensor::from_slice(&theta)
+        .view([n as i64, 2, 3])
+        .to_device(dev);
     let grid = Tensor::affine_grid_generator(&theta, [n as i64, 3, s as i64, s as i64], true);
     // Bilinear, reflection about the edge pixels' centres (OpenCV's BORDER_REFLECT_101).
     Tensor::grid_sampler(&x, &grid, 0, 2, true).clamp(0.0, 1.0)
@@ -205,13 +233,25 @@ mod tests {
     fn original_is_seeded_in_range_and_changes_images() {
         tch::manual_seed(0);
         let px = batch();
-        let run = |seed| augment(&px, Augment::Original, &mut rand::rngs::StdRng::seed_from_u64(seed));
+        let run = |seed| {
+            augment(
+                &px,
+                Augment::Original,
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+            )
+        };
         let (a, b, c) = (run(5), run(5), run(6));
         assert_eq!(a.size(), [6, 3, 32, 32]);
         assert!(a.equal(&b), "same seed, same batch");
         assert!(!a.equal(&c), "another seed, another batch");
         assert!(a.min().double_value(&[]) >= 0.0 && a.max().double_value(&[]) <= 1.0);
-        assert!((a - to_input(&px)).abs().mean(Kind::Float).double_value(&[]) > 0.01);
+        assert!(
+            (a - to_input(&px))
+                .abs()
+                .mean(Kind::Float)
+                .double_value(&[])
+                > 0.01
+        );
     }
 
     #[test]

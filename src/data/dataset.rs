@@ -23,7 +23,10 @@ pub struct Sample {
 /// The tag folders under `root`, sorted.
 pub fn tag_folders(root: &Path) -> Result<Vec<String>> {
     if !root.is_dir() {
-        bail!("dataset folder {} does not exist or is not a folder", root.display());
+        bail!(
+            "dataset folder {} does not exist or is not a folder",
+            root.display()
+        );
     }
     let mut folders: Vec<String> = std::fs::read_dir(root)
         .with_context(|| format!("cannot read dataset folder {}", root.display()))?
@@ -38,15 +41,23 @@ pub fn tag_folders(root: &Path) -> Result<Vec<String>> {
 
 /// Reads a taxonomy file: `{"labels": [...], "folders": {"<folder>": ["<label>", ...]}}`.
 pub fn read_taxonomy(path: &Path) -> Result<Taxonomy> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read taxonomy {}", path.display()))?;
-    let t: Taxonomy = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a taxonomy (expected {{\"labels\": [...], \"folders\": {{...}}}})", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read taxonomy {}", path.display()))?;
+    let t: Taxonomy = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a taxonomy (expected {{\"labels\": [...], \"folders\": {{...}}}})",
+            path.display()
+        )
+    })?;
     if t.labels.is_empty() {
         bail!("{}: the label list is empty", path.display());
     }
     for (folder, labels) in &t.folders {
         if let Some(bad) = labels.iter().find(|l| !t.labels.contains(l)) {
-            bail!("{}: folder {folder} maps to {bad}, which is not in the label list", path.display());
+            bail!(
+                "{}: folder {folder} maps to {bad}, which is not in the label list",
+                path.display()
+            );
         }
     }
     Ok(t)
@@ -81,9 +92,14 @@ pub fn scan(root: &Path, folders: &[String]) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for folder in folders {
         let dir = root.join(folder);
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
             let path = entry?.path();
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             if path.is_file() && !hidden {
                 samples.push(Sample {
                     path,
@@ -107,9 +123,17 @@ pub struct ImageCache {
 
 /// Decodes every sample in parallel. Unreadable files are reported and left out; a tag folder
 /// left with no image, or a dataset with none at all, is an error.
-pub fn load_cache(root: &Path, samples: Vec<Sample>, taxonomy: &Taxonomy, size: usize) -> Result<ImageCache> {
+pub fn load_cache(
+    root: &Path,
+    samples: Vec<Sample>,
+    taxonomy: &Taxonomy,
+    size: usize,
+) -> Result<ImageCache> {
     if samples.is_empty() {
-        bail!("{}: the dataset is empty (no files in its tag folders)", root.display());
+        bail!(
+            "{}: the dataset is empty (no files in its tag folders)",
+            root.display()
+        );
     }
     let bar = progress::bar(samples.len() as u64, "images");
     bar.set_prefix("decode");
@@ -141,7 +165,10 @@ pub fn load_cache(root: &Path, samples: Vec<Sample>, taxonomy: &Taxonomy, size: 
         }
     }
     if let Some((folder, _)) = per_folder.iter().find(|(_, n)| **n == 0) {
-        bail!("{}: tag folder {folder} has no readable image", root.join(folder).display());
+        bail!(
+            "{}: tag folder {folder} has no readable image",
+            root.join(folder).display()
+        );
     }
     let n = kept.len() as i64;
     let s = size as i64;
@@ -158,7 +185,11 @@ pub fn load_cache(root: &Path, samples: Vec<Sample>, taxonomy: &Taxonomy, size: 
 pub fn open(root: &Path, taxonomy_file: Option<&Path>) -> Result<(Taxonomy, Vec<Sample>)> {
     let folders = tag_folders(root)?;
     if folders.is_empty() {
-        bail!("{}: no tag folders (expected {}/<tag>/<image>)", root.display(), root.display());
+        bail!(
+            "{}: no tag folders (expected {}/<tag>/<image>)",
+            root.display(),
+            root.display()
+        );
     }
     let taxonomy = resolve_taxonomy(root, &folders, taxonomy_file)?;
     let samples = scan(root, &folders)?;
@@ -186,12 +217,22 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("data/cats")).unwrap();
         std::fs::write(dir.path().join("data/cats/a.jpg"), b"x").unwrap();
         let tax = dir.path().join("t.json");
-        std::fs::write(&tax, r#"{"labels": ["animal", "cat"], "folders": {"cats": ["animal", "cat"]}}"#).unwrap();
+        std::fs::write(
+            &tax,
+            r#"{"labels": ["animal", "cat"], "folders": {"cats": ["animal", "cat"]}}"#,
+        )
+        .unwrap();
         let (t, samples) = open(&dir.path().join("data"), Some(&tax)).unwrap();
         assert_eq!(t.target("cats").unwrap(), [1.0, 1.0]);
         assert_eq!(samples.len(), 1);
-        std::fs::write(&tax, r#"{"labels": ["animal"], "folders": {"cats": ["cat"]}}"#).unwrap();
-        let err = open(&dir.path().join("data"), Some(&tax)).unwrap_err().to_string();
+        std::fs::write(
+            &tax,
+            r#"{"labels": ["animal"], "folders": {"cats": ["cat"]}}"#,
+        )
+        .unwrap();
+        let err = open(&dir.path().join("data"), Some(&tax))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not in the label list"), "{err}");
     }
 }

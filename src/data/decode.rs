@@ -57,7 +57,12 @@ pub fn decode_bgr(bytes: &[u8], path: &Path) -> Result<Bgr8, DecodeError> {
                 })
             }
             Ok(Jpeg::Unsupported) => {}
-            Err(reason) => return Err(DecodeError::Invalid { path: name(), reason }),
+            Err(reason) => {
+                return Err(DecodeError::Invalid {
+                    path: name(),
+                    reason,
+                })
+            }
         }
     }
     let img = image::load_from_memory(bytes).map_err(|e| DecodeError::Invalid {
@@ -95,5 +100,7 @@ pub fn read_bgr(path: &Path) -> Result<Bgr8, DecodeError> {
 /// `cv2.resize(cv2.imread(path), (size, size))`: the model's uint8 input, HWC BGR.
 pub fn load_resized(path: &Path, size: usize) -> Result<Vec<u8>, DecodeError> {
     let img = read_bgr(path)?;
-    Ok(resize_linear(&img.data, img.width, img.height, 3, size, size))
+    Ok(resize_linear(
+        &img.data, img.width, img.height, 3, size, size,
+    ))
 }

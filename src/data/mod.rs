@@ -3,7 +3,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod decode;
-pub mod taxonomy;
 pub mod jpeg;
 pub mod resize;
 pub mod split;
+pub mod taxonomy;

@@ -38,7 +38,10 @@ fn x_axis(src_len: usize, dst_len: usize) -> Axis {
             s = src_len as i64 - 1;
         }
         src.push(s as usize);
-        weights.push([round_to_short((1.0 - f) * COEF_SCALE), round_to_short(f * COEF_SCALE)]);
+        weights.push([
+            round_to_short((1.0 - f) * COEF_SCALE),
+            round_to_short(f * COEF_SCALE),
+        ]);
     }
     Axis { src, weights }
 }
@@ -54,7 +57,10 @@ pub fn resize_linear(
     dst_h: usize,
 ) -> Vec<u8> {
     assert_eq!(src.len(), src_w * src_h * channels, "source buffer size");
-    assert!(src_w > 0 && src_h > 0 && dst_w > 0 && dst_h > 0, "empty image");
+    assert!(
+        src_w > 0 && src_h > 0 && dst_w > 0 && dst_h > 0,
+        "empty image"
+    );
     if src_w == dst_w && src_h == dst_h {
         return src.to_vec();
     }
@@ -115,7 +121,10 @@ fn y_axis(src_h: usize, dst_h: usize) -> Vec<((usize, usize), [i32; 2])> {
             let mut f = ((d as f64 + 0.5) * scale - 0.5) as f32;
             let s = f.floor() as i64;
             f -= s as f32;
-            let w = [round_to_short((1.0 - f) * COEF_SCALE), round_to_short(f * COEF_SCALE)];
+            let w = [
+                round_to_short((1.0 - f) * COEF_SCALE),
+                round_to_short(f * COEF_SCALE),
+            ];
             ((clip(s), clip(s + 1)), w)
         })
         .collect()

@@ -35,7 +35,8 @@ impl PyRandom {
             }
         }
         for _ in 0..623 {
-            mt[i] = (mt[i] ^ (mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_mul(1_566_083_941)).wrapping_sub(i as u32);
+            mt[i] = (mt[i] ^ (mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_mul(1_566_083_941))
+                .wrapping_sub(i as u32);
             i += 1;
             if i >= 624 {
                 mt[0] = mt[623];
@@ -131,5 +132,7 @@ mod tests {
     }
 
     const PYTHON_777_FIRST3: [u32; 3] = [984_982_403, 1_914_885_928, 1_913_820_983];
-    const PYTHON_777_SHUFFLE20: [usize; 20] = [1, 3, 17, 10, 16, 2, 4, 6, 12, 9, 19, 0, 15, 5, 13, 8, 11, 18, 14, 7];
+    const PYTHON_777_SHUFFLE20: [usize; 20] = [
+        1, 3, 17, 10, 16, 2, 4, 6, 12, 9, 19, 0, 15, 5, 13, 8, 11, 18, 14, 7,
+    ];
 }

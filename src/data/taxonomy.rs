@@ -29,7 +29,10 @@ pub const NDL_FOLDERS: [(&str, &[&str]); 10] = [
     ("picture_object", &["picture", "picture_object"]),
     ("picture_person", &["picture", "picture_person"]),
     ("picture_outdoor", &["picture", "picture_outdoor"]),
-    ("picture_landmark", &["picture", "picture_outdoor", "picture_landmark"]),
+    (
+        "picture_landmark",
+        &["picture", "picture_outdoor", "picture_landmark"],
+    ),
     ("stamp", &["stamp"]),
 ];
 
@@ -78,7 +81,10 @@ mod tests {
     #[test]
     fn illust_has_no_output_of_its_own() {
         let t = Taxonomy::ndl();
-        assert_eq!(t.target("graphic_illust").unwrap(), [1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]);
+        assert_eq!(
+            t.target("graphic_illust").unwrap(),
+            [1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]
+        );
         assert!(!t.labels.iter().any(|l| l == "graphic_illust"));
         assert_eq!(t.target("stamp").unwrap()[10], 1.0);
         assert_eq!(t.target("stamp").unwrap().iter().sum::<f32>(), 1.0);

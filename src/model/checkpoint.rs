@@ -73,13 +73,22 @@ fn to_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
 }
 
 /// Writes a checkpoint atomically.
-pub fn save(path: &Path, meta: &CheckpointMeta, vs: &VarStore, optimizer: &[(String, Tensor)]) -> Result<()> {
+pub fn save(
+    path: &Path,
+    meta: &CheckpointMeta,
+    vs: &VarStore,
+    optimizer: &[(String, Tensor)],
+) -> Result<()> {
     let mut named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
         .map(|(k, t)| (format!("model.{k}"), t))
         .collect();
-    named.extend(optimizer.iter().map(|(k, t)| (k.clone(), t.shallow_clone())));
+    named.extend(
+        optimizer
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone())),
+    );
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = named
         .iter()
         .map(|(k, t)| {
@@ -89,7 +98,12 @@ pub fn save(path: &Path, meta: &CheckpointMeta, vs: &VarStore, optimizer: &[(Str
         .collect();
     let views: Vec<(String, TensorView)> = raw
         .iter()
-        .map(|(k, shape, bytes)| Ok((k.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
+        .map(|(k, shape, bytes)| {
+            Ok((
+                k.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
     let bytes = safetensors::serialize(views, &Some(info))?;
@@ -104,20 +118,32 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a trainer checkpoint ({e:?})", path.display()))?;
         let meta_json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
-            .with_context(|| format!("{}: a safetensors file without trainer metadata", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: a safetensors file without trainer metadata",
+                    path.display()
+                )
+            })?;
         let meta: CheckpointMeta = serde_json::from_str(meta_json)
             .with_context(|| format!("{}: unreadable trainer metadata", path.display()))?;
         if meta.format != FORMAT || meta.version > VERSION {
-            bail!("{}: checkpoint format {} v{} is not supported", path.display(), meta.format, meta.version);
+            bail!(
+                "{}: checkpoint format {} v{} is not supported",
+                path.display(),
+                meta.format,
+                meta.version
+            );
         }
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {

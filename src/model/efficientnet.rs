@@ -84,7 +84,15 @@ pub struct SameConv {
 }
 
 impl SameConv {
-    fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, groups: i64, bias: bool) -> Self {
+    fn new(
+        p: nn::Path,
+        c_in: i64,
+        c_out: i64,
+        kernel: i64,
+        stride: i64,
+        groups: i64,
+        bias: bool,
+    ) -> Self {
         let cfg = nn::ConvConfig {
             stride,
             padding: if stride == 1 { kernel / 2 } else { 0 },
@@ -116,7 +124,8 @@ impl Module for SameConv {
         let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
         let (top, bottom) = same_padding(h, self.kernel, self.stride);
         let (left, right) = same_padding(w, self.kernel, self.stride);
-        xs.constant_pad_nd([left, right, top, bottom]).apply(&self.conv)
+        xs.constant_pad_nd([left, right, top, bottom])
+            .apply(&self.conv)
     }
 }
 
@@ -145,7 +154,14 @@ pub struct MbConv {
 }
 
 impl MbConv {
-    fn new(root: &nn::Path, name: &str, args: &StageArgs, c_in: i64, stride: i64, drop_rate: f64) -> Self {
+    fn new(
+        root: &nn::Path,
+        name: &str,
+        args: &StageArgs,
+        c_in: i64,
+        stride: i64,
+        drop_rate: f64,
+    ) -> Self {
         let filters = c_in * args.expand_ratio;
         let p = |suffix: &str| root / format!("{name}_{suffix}");
         let expand = (args.expand_ratio != 1).then(|| {
@@ -158,11 +174,27 @@ impl MbConv {
         MbConv {
             name: name.to_string(),
             expand,
-            dwconv: SameConv::new(p("dwconv"), filters, filters, args.kernel, stride, filters, false),
+            dwconv: SameConv::new(
+                p("dwconv"),
+                filters,
+                filters,
+                args.kernel,
+                stride,
+                filters,
+                false,
+            ),
             bn: batch_norm(p("bn"), filters),
             se_reduce: SameConv::new(p("se_reduce"), filters, se_filters, 1, 1, 1, true),
             se_expand: SameConv::new(p("se_expand"), se_filters, filters, 1, 1, 1, true),
-            project_conv: SameConv::new(p("project_conv"), filters, args.output_filters, 1, 1, 1, false),
+            project_conv: SameConv::new(
+                p("project_conv"),
+                filters,
+                args.output_filters,
+                1,
+                1,
+                1,
+                false,
+            ),
             project_bn: batch_norm(p("project_bn"), args.output_filters),
             residual: stride == 1 && c_in == args.output_filters,
             drop_rate,
@@ -178,7 +210,9 @@ pub fn drop_connect(xs: &Tensor, rate: f64, train: bool) -> Tensor {
     }
     let keep = 1.0 - rate;
     let n = xs.size()[0];
-    let mask = Tensor::rand([n, 1, 1, 1], (xs.kind(), xs.device())).ge(rate).to_kind(xs.kind());
+    let mask = Tensor::rand([n, 1, 1, 1], (xs.kind(), xs.device()))
+        .ge(rate)
+        .to_kind(xs.kind());
     xs * mask / keep
 }
 
@@ -190,8 +224,12 @@ impl ModuleT for MbConv {
         };
         x = swish(&x.apply(&self.dwconv).apply_t(&self.bn, train));
         let se = x.adaptive_avg_pool2d([1, 1]);
-        let se = swish(&se.apply(&self.se_reduce)).apply(&self.se_expand).sigmoid();
-        x = (x * se).apply(&self.project_conv).apply_t(&self.project_bn, train);
+        let se = swish(&se.apply(&self.se_reduce))
+            .apply(&self.se_expand)
+            .sigmoid();
+        x = (x * se)
+            .apply(&self.project_conv)
+            .apply_t(&self.project_bn, train);
         if self.residual {
             x = drop_connect(&x, self.drop_rate, train) + xs;
         }
@@ -321,10 +359,16 @@ mod tests {
         assert_eq!(vars["block2a_se_reduce.weight"].size(), [4, 96, 1, 1]);
         assert_eq!(vars["block6d_dwconv.weight"].size(), [1152, 1, 5, 5]);
         assert_eq!(vars["dense_2.weight"].size(), [11, 512]);
-        let trainable: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let trainable: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         // EfficientNet-B0 without top (4,007,548 trainable) + 1280*512+512 + 512*512+512 + 512*11+11.
         assert_eq!(trainable, 4_007_548 + 655_872 + 262_656 + 5_643);
-        let out = tch::no_grad(|| model.forward_t(&Tensor::zeros([2, 3, 64, 48], tch::kind::FLOAT_CPU), false));
+        let out = tch::no_grad(|| {
+            model.forward_t(&Tensor::zeros([2, 3, 64, 48], tch::kind::FLOAT_CPU), false)
+        });
         assert_eq!(out.size(), [2, 11]);
     }
 

@@ -98,7 +98,10 @@ impl std::fmt::Display for ImportReport {
         };
         write!(f, "{layout}: {} tensors loaded", self.applied)?;
         if !self.head_loaded {
-            write!(f, " (backbone only; the dense head keeps its initial weights)")?;
+            write!(
+                f,
+                " (backbone only; the dense head keeps its initial weights)"
+            )?;
         }
         for (from, to) in &self.renamed {
             write!(f, "; layer {from} loaded as {to}")?;
@@ -161,8 +164,16 @@ fn read_strings(attr: &hdf5::Attribute) -> hdf5::Result<Vec<String>> {
     let descriptor = attr.dtype()?.to_descriptor()?;
     let strip = |s: &str| s.trim_end_matches('\0').to_string();
     Ok(match descriptor {
-        TypeDescriptor::VarLenAscii => attr.read_raw::<VarLenAscii>()?.iter().map(|s| strip(s.as_str())).collect(),
-        TypeDescriptor::VarLenUnicode => attr.read_raw::<VarLenUnicode>()?.iter().map(|s| strip(s.as_str())).collect(),
+        TypeDescriptor::VarLenAscii => attr
+            .read_raw::<VarLenAscii>()?
+            .iter()
+            .map(|s| strip(s.as_str()))
+            .collect(),
+        TypeDescriptor::VarLenUnicode => attr
+            .read_raw::<VarLenUnicode>()?
+            .iter()
+            .map(|s| strip(s.as_str()))
+            .collect(),
         TypeDescriptor::FixedAscii(_) => attr
             .read_raw::<hdf5::types::FixedAscii<1024>>()?
             .iter()
@@ -197,7 +208,10 @@ pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
     })?;
     let (root, layout) = match file.group("model_weights") {
         Ok(g) => (g, KerasLayout::FullModel),
-        Err(_) => (file.as_group().map_err(|e| layout_err(e.to_string()))?, KerasLayout::WeightsOnly),
+        Err(_) => (
+            file.as_group().map_err(|e| layout_err(e.to_string()))?,
+            KerasLayout::WeightsOnly,
+        ),
     };
     let layer_names = root
         .attr("layer_names")
@@ -219,8 +233,12 @@ pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
                 tensor: name.clone(),
                 reason,
             };
-            let ds = group.dataset(&weight).map_err(|e| tensor_err(e.to_string()))?;
-            let data = ds.read_raw::<f32>().map_err(|e| tensor_err(e.to_string()))?;
+            let ds = group
+                .dataset(&weight)
+                .map_err(|e| tensor_err(e.to_string()))?;
+            let data = ds
+                .read_raw::<f32>()
+                .map_err(|e| tensor_err(e.to_string()))?;
             let last = weight.rsplit('/').next().unwrap_or(&weight);
             let param = last.split(':').next().unwrap_or(last).to_string();
             tensors.push(KerasTensor {
@@ -307,7 +325,11 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
         }
         plan.push((key, value));
     }
-    let is_head = |key: &str| HEAD_LAYERS.iter().any(|h| key.split('.').next() == Some(*h));
+    let is_head = |key: &str| {
+        HEAD_LAYERS
+            .iter()
+            .any(|h| key.split('.').next() == Some(*h))
+    };
     let head_loaded = seen.iter().any(|k| is_head(k));
     let missing: Vec<&String> = vars
         .keys()
@@ -315,7 +337,11 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
         .collect();
     let first_missing = keras_layers(vs)
         .into_iter()
-        .flat_map(|(layer, params)| params.into_iter().map(move |(p, key)| (format!("{layer}/{p}:0"), key)))
+        .flat_map(|(layer, params)| {
+            params
+                .into_iter()
+                .map(move |(p, key)| (format!("{layer}/{p}:0"), key))
+        })
         .find(|(_, key)| missing.contains(&key));
     if let Some((tensor, _)) = first_missing {
         return Err(KerasError::Missing {
@@ -351,7 +377,14 @@ pub fn keras_layers(vs: &VarStore) -> Vec<(String, Vec<(String, String)>)> {
     let mut names = vec!["stem_conv".to_string(), "stem_bn".to_string()];
     for block in block_names() {
         for part in [
-            "expand_conv", "expand_bn", "dwconv", "bn", "se_reduce", "se_expand", "project_conv", "project_bn",
+            "expand_conv",
+            "expand_bn",
+            "dwconv",
+            "bn",
+            "se_reduce",
+            "se_expand",
+            "project_conv",
+            "project_bn",
         ] {
             names.push(format!("{block}_{part}"));
         }
@@ -379,7 +412,9 @@ pub fn keras_layers(vs: &VarStore) -> Vec<(String, Vec<(String, String)>)> {
 /// Every layer name of the original Keras model, in its `layer_names` order (weightless layers
 /// included), as `model.save_weights` writes them.
 pub fn original_layer_names() -> Vec<String> {
-    let mut names: Vec<String> = ["input_1", "stem_conv", "stem_bn", "stem_activation"].map(String::from).to_vec();
+    let mut names: Vec<String> = ["input_1", "stem_conv", "stem_bn", "stem_activation"]
+        .map(String::from)
+        .to_vec();
     let mut index = 0;
     for (stage, args) in super::efficientnet::B0_STAGES.iter().enumerate() {
         for r in 0..args.repeats {
@@ -389,8 +424,16 @@ pub fn original_layer_names() -> Vec<String> {
                 parts.extend(["expand_conv", "expand_bn", "expand_activation"]);
             }
             parts.extend([
-                "dwconv", "bn", "activation", "se_squeeze", "se_reshape", "se_reduce", "se_expand", "se_excite",
-                "project_conv", "project_bn",
+                "dwconv",
+                "bn",
+                "activation",
+                "se_squeeze",
+                "se_reshape",
+                "se_reduce",
+                "se_expand",
+                "se_excite",
+                "project_conv",
+                "project_bn",
             ]);
             // Residual blocks (all but the first of each stage, as B0's first blocks change shape).
             if r > 0 {
@@ -401,7 +444,15 @@ pub fn original_layer_names() -> Vec<String> {
         }
     }
     debug_assert_eq!(index, 16);
-    names.extend(["top_conv", "top_bn", "top_activation", "global_average_pooling2d"].map(String::from));
+    names.extend(
+        [
+            "top_conv",
+            "top_bn",
+            "top_activation",
+            "global_average_pooling2d",
+        ]
+        .map(String::from),
+    );
     names.extend(HEAD_LAYERS.map(String::from));
     names
 }
@@ -413,9 +464,14 @@ pub fn original_layer_names() -> Vec<String> {
 pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let vars = vs.variables();
-    let layers: std::collections::HashMap<String, Vec<(String, String)>> = keras_layers(vs).into_iter().collect();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let layers: std::collections::HashMap<String, Vec<(String, String)>> =
+        keras_layers(vs).into_iter().collect();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create folder {}", dir.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix(".keras.")
         .suffix(".tmp")
@@ -423,30 +479,60 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     let write = || -> hdf5::Result<()> {
         let file = hdf5::File::create(tmp.path())?;
-        let ascii = |s: &str| VarLenAscii::from_ascii(s).map_err(|e| hdf5::Error::from(e.to_string()));
+        let ascii =
+            |s: &str| VarLenAscii::from_ascii(s).map_err(|e| hdf5::Error::from(e.to_string()));
         let scalar = |name: &str, value: &str| -> hdf5::Result<()> {
-            file.new_attr::<VarLenAscii>().create(name)?.write_scalar(&ascii(value)?)
+            file.new_attr::<VarLenAscii>()
+                .create(name)?
+                .write_scalar(&ascii(value)?)
         };
         scalar("backend", "tensorflow")?;
         scalar("keras_version", "2.15.0")?;
         let names = original_layer_names();
-        let name_values = names.iter().map(|n| ascii(n)).collect::<hdf5::Result<Vec<_>>>()?;
-        file.new_attr::<VarLenAscii>().shape(names.len()).create("layer_names")?.write_raw(&name_values)?;
+        let name_values = names
+            .iter()
+            .map(|n| ascii(n))
+            .collect::<hdf5::Result<Vec<_>>>()?;
+        file.new_attr::<VarLenAscii>()
+            .shape(names.len())
+            .create("layer_names")?
+            .write_raw(&name_values)?;
         for layer in &names {
             let group = file.create_group(layer)?;
             let Some(params) = layers.get(layer) else {
                 group.new_attr::<f64>().shape(0).create("weight_names")?;
                 continue;
             };
-            let weight_names: Vec<String> = params.iter().map(|(p, _)| format!("{layer}/{p}:0")).collect();
-            let values = weight_names.iter().map(|n| ascii(n)).collect::<hdf5::Result<Vec<_>>>()?;
-            group.new_attr::<VarLenAscii>().shape(values.len()).create("weight_names")?.write_raw(&values)?;
+            let weight_names: Vec<String> = params
+                .iter()
+                .map(|(p, _)| format!("{layer}/{p}:0"))
+                .collect();
+            let values = weight_names
+                .iter()
+                .map(|n| ascii(n))
+                .collect::<hdf5::Result<Vec<_>>>()?;
+            group
+                .new_attr::<VarLenAscii>()
+                .shape(values.len())
+                .create("weight_names")?
+                .write_raw(&values)?;
             let inner = group.create_group(layer)?;
             for (param, key) in params {
-                let t = torch_to_keras(&vars[key].to_device(tch::Device::Cpu).to_kind(tch::Kind::Float), param).contiguous();
+                let t = torch_to_keras(
+                    &vars[key]
+                        .to_device(tch::Device::Cpu)
+                        .to_kind(tch::Kind::Float),
+                    param,
+                )
+                .contiguous();
                 let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-                let data = Vec::<f32>::try_from(t.flatten(0, -1)).map_err(|e| hdf5::Error::from(e.to_string()))?;
-                inner.new_dataset::<f32>().shape(shape).create(format!("{param}:0").as_str())?.write_raw(&data)?;
+                let data = Vec::<f32>::try_from(t.flatten(0, -1))
+                    .map_err(|e| hdf5::Error::from(e.to_string()))?;
+                inner
+                    .new_dataset::<f32>()
+                    .shape(shape)
+                    .create(format!("{param}:0").as_str())?
+                    .write_raw(&data)?;
             }
         }
         file.flush()?;
@@ -456,8 +542,11 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
         file: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot move the finished file into place at {}", path.display()))?;
+    tmp.persist(path).map_err(|e| e.error).with_context(|| {
+        format!(
+            "cannot move the finished file into place at {}",
+            path.display()
+        )
+    })?;
     Ok(())
 }

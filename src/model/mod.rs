@@ -1,7 +1,7 @@
 //! The network, its Keras weights and our checkpoints.
 
-pub mod efficientnet;
 pub mod checkpoint;
+pub mod efficientnet;
 pub mod keras;
 
 use std::io::Read;
@@ -100,7 +100,11 @@ impl LoadedModel {
             taxonomy: meta.taxonomy.clone(),
             thresholds: meta.thresholds.clone(),
             image_size: meta.preprocessing.image_size,
-            description: format!("{} (trainer checkpoint, epoch {})", path.display(), meta.epoch),
+            description: format!(
+                "{} (trainer checkpoint, epoch {})",
+                path.display(),
+                meta.epoch
+            ),
         })
     }
 
@@ -114,11 +118,13 @@ impl LoadedModel {
             .to_kind(Kind::Float)
             / 255.0;
         let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&self.net, &x, false).sigmoid());
-        Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1)).expect("float probabilities")
+        Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))
+            .expect("float probabilities")
     }
 }
 
 /// Makes sure a failed load names the file.
 pub fn load_for_inference(path: &Path, device: Device) -> Result<LoadedModel> {
-    LoadedModel::load(path, device).with_context(|| format!("cannot load weights from {}", path.display()))
+    LoadedModel::load(path, device)
+        .with_context(|| format!("cannot load weights from {}", path.display()))
 }

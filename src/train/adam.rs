@@ -26,7 +26,13 @@ impl Adam {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let m = params.iter().map(|(_, t)| t.zeros_like()).collect();
         let v = params.iter().map(|(_, t)| t.zeros_like()).collect();
-        Adam { lr, step: 0, params, m, v }
+        Adam {
+            lr,
+            step: 0,
+            params,
+            m,
+            v,
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -65,11 +71,20 @@ impl Adam {
     }
 
     /// Restores the moments saved by [`Adam::state`]; every one must be present.
-    pub fn load_state(&mut self, step: i64, get: impl Fn(&str) -> Option<Tensor>) -> anyhow::Result<()> {
+    pub fn load_state(
+        &mut self,
+        step: i64,
+        get: impl Fn(&str) -> Option<Tensor>,
+    ) -> anyhow::Result<()> {
         tch::no_grad(|| -> anyhow::Result<()> {
-            for ((name, _), (m, v)) in self.params.iter().zip(self.m.iter_mut().zip(self.v.iter_mut())) {
+            for ((name, _), (m, v)) in self
+                .params
+                .iter()
+                .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            {
                 for (key, dst) in [(format!("adam.m.{name}"), m), (format!("adam.v.{name}"), v)] {
-                    let src = get(&key).ok_or_else(|| anyhow::anyhow!("optimizer state {key} is missing"))?;
+                    let src = get(&key)
+                        .ok_or_else(|| anyhow::anyhow!("optimizer state {key} is missing"))?;
                     dst.copy_(&src);
                 }
             }

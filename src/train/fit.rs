@@ -62,12 +62,16 @@ pub fn next_run_dir(runs: &Path) -> PathBuf {
     if !first.exists() {
         return first;
     }
-    (2..).map(|i| runs.join(format!("fit{i}"))).find(|p| !p.exists()).expect("a free name")
+    (2..)
+        .map(|i| runs.join(format!("fit{i}")))
+        .find(|p| !p.exists())
+        .expect("a free name")
 }
 
 /// The seed of epoch `epoch`'s random numbers (shuffle, augmentation, drop-connect).
 fn epoch_seed(seed: u64, epoch: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64)
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(epoch as u64)
 }
 
 fn csv_header(labels: &[String]) -> String {
@@ -103,11 +107,20 @@ fn opt(v: Option<f64>) -> String {
 
 /// Relative path of a sample under the data root, as written in `val.txt`.
 fn relative(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned()
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Probabilities and mean BCE over the images `idx` of the cache, in eval mode.
-pub fn evaluate(net: &Tagger, cache: &ImageCache, idx: &[i64], batch: usize, device: Device) -> (Tensor, f64) {
+pub fn evaluate(
+    net: &Tagger,
+    cache: &ImageCache,
+    idx: &[i64],
+    batch: usize,
+    device: Device,
+) -> (Tensor, f64) {
     let mut probs = Vec::new();
     let mut loss_sum = 0.0;
     tch::no_grad(|| {
@@ -116,17 +129,22 @@ pub fn evaluate(net: &Tagger, cache: &ImageCache, idx: &[i64], batch: usize, dev
             let x = augment::to_input(&cache.pixels.index_select(0, &ids).to_device(device));
             let y = cache.targets.index_select(0, &ids).to_device(device);
             let logits = net.forward_t(&x, false);
-            let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Sum);
+            let loss =
+                logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Sum);
             loss_sum += loss.double_value(&[]);
             probs.push(logits.sigmoid().to_device(Device::Cpu));
         }
     });
     let labels = cache.targets.size()[1] as f64;
-    (Tensor::cat(&probs, 0), loss_sum / (idx.len() as f64 * labels).max(1.0))
+    (
+        Tensor::cat(&probs, 0),
+        loss_sum / (idx.len() as f64 * labels).max(1.0),
+    )
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).expect("floats")
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
+        .expect("floats")
 }
 
 /// Loads `--init`: a Keras HDF5 file (full, weights-only or backbone-only) or one of our
@@ -154,10 +172,18 @@ fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy) -> Result<Stri
 
 /// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
 /// comes from its checkpoint, with `epochs` possibly raised by the caller).
-pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device) -> Result<FitSummary> {
+pub fn fit(
+    settings: &FitSettings,
+    run_dir: &Path,
+    resume: bool,
+    device: Device,
+) -> Result<FitSummary> {
     let last_path = run_dir.join(LAST);
     let previous = if resume {
-        Some(Checkpoint::read(&last_path).with_context(|| format!("cannot resume {}", run_dir.display()))?)
+        Some(
+            Checkpoint::read(&last_path)
+                .with_context(|| format!("cannot resume {}", run_dir.display()))?,
+        )
     } else {
         if last_path.exists() {
             bail!(
@@ -173,7 +199,10 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
     let (taxonomy, samples) = dataset::open(&settings.data, settings.taxonomy.as_deref())?;
     if let Some(prev) = &previous {
         if prev.meta.taxonomy != taxonomy {
-            bail!("{}: the dataset's taxonomy differs from the run's", settings.data.display());
+            bail!(
+                "{}: the dataset's taxonomy differs from the run's",
+                settings.data.display()
+            );
         }
     }
     let labels = taxonomy.labels.clone();
@@ -183,10 +212,13 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
     // Split.
     let val_list = run_dir.join(VAL_LIST);
     let (train_idx, val_idx): (Vec<i64>, Vec<i64>) = if resume {
-        let text = std::fs::read_to_string(&val_list).with_context(|| format!("cannot read {}", val_list.display()))?;
-        let names: std::collections::HashSet<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-        let (val, train): (Vec<usize>, Vec<usize>) =
-            (0..n).partition(|&i| names.contains(relative(&settings.data, &cache.samples[i].path).as_str()));
+        let text = std::fs::read_to_string(&val_list)
+            .with_context(|| format!("cannot read {}", val_list.display()))?;
+        let names: std::collections::HashSet<&str> =
+            text.lines().filter(|l| !l.is_empty()).collect();
+        let (val, train): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| {
+            names.contains(relative(&settings.data, &cache.samples[i].path).as_str())
+        });
         if val.len() != names.len() {
             eprintln!(
                 "warning: {} of the {} validation images listed in {} are no longer in the dataset",
@@ -195,7 +227,10 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
                 val_list.display()
             );
         }
-        (train.into_iter().map(|i| i as i64).collect(), val.into_iter().map(|i| i as i64).collect())
+        (
+            train.into_iter().map(|i| i as i64).collect(),
+            val.into_iter().map(|i| i as i64).collect(),
+        )
     } else {
         let (mut train, mut val) = split_indices(n, settings.seed as u32, settings.val_fraction);
         // Index order, as a resumed run rebuilds them from val.txt.
@@ -205,10 +240,17 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
             .iter()
             .map(|&i| relative(&settings.data, &cache.samples[i].path) + "\n")
             .collect();
-        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
         write_atomic(&val_list, listing.as_bytes())?;
-        write_atomic(&run_dir.join(SETTINGS), serde_json::to_string_pretty(settings)?.as_bytes())?;
-        (train.into_iter().map(|i| i as i64).collect(), val.into_iter().map(|i| i as i64).collect())
+        write_atomic(
+            &run_dir.join(SETTINGS),
+            serde_json::to_string_pretty(settings)?.as_bytes(),
+        )?;
+        (
+            train.into_iter().map(|i| i as i64).collect(),
+            val.into_iter().map(|i| i as i64).collect(),
+        )
     };
     if train_idx.is_empty() {
         bail!("no training images left after the validation split of {n} images");
@@ -237,10 +279,16 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
     let mut best = None;
     if let Some(prev) = &previous {
         prev.load_model(&vs, &last_path)?;
-        adam.load_state(prev.meta.optimizer_step, |k| prev.tensors.get(k).map(|t| t.to_device(device)))?;
+        adam.load_state(prev.meta.optimizer_step, |k| {
+            prev.tensors.get(k).map(|t| t.to_device(device))
+        })?;
         start_epoch = prev.meta.epoch + 1;
         best = prev.meta.best_val_loss;
-        eprintln!("resuming {} after epoch {}", run_dir.display(), prev.meta.epoch);
+        eprintln!(
+            "resuming {} after epoch {}",
+            run_dir.display(),
+            prev.meta.epoch
+        );
     } else if let Some(init) = &settings.init {
         eprintln!("init: {}", load_init(init, &vs, &taxonomy)?);
     } else {
@@ -256,7 +304,11 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
     if resume {
         if let Ok(text) = std::fs::read_to_string(&csv_path) {
             for line in text.lines().skip(1) {
-                let epoch: usize = line.split(',').next().and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
+                let epoch: usize = line
+                    .split(',')
+                    .next()
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(usize::MAX);
                 if epoch < start_epoch {
                     kept_rows.push_str(line);
                     kept_rows.push('\n');
@@ -301,7 +353,8 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
             let x = augment::augment(&pixels.index_select(0, &ids), settings.augment, &mut rng);
             let y = targets.index_select(0, &ids);
             let logits = net.forward_t(&x, true);
-            let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
+            let loss =
+                logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bar.finish_and_clear();
@@ -327,7 +380,12 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
         let validation = (!val_idx.is_empty()).then(|| {
             let (probs, loss) = evaluate(&net, &cache, &val_idx, bs * 2, device);
             let t = cache.targets.index_select(0, &Tensor::from_slice(&val_idx));
-            let counts = metrics::count(&to_vec(&probs), &to_vec(&t), labels.len(), &vec![0.5; labels.len()]);
+            let counts = metrics::count(
+                &to_vec(&probs),
+                &to_vec(&t),
+                labels.len(),
+                &vec![0.5; labels.len()],
+            );
             Validation { loss, counts }
         });
         let epoch_time = t0.elapsed().as_secs_f64();
@@ -373,7 +431,9 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
             format!("{train_loss:.6}"),
             opt(val_loss),
             opt(validation.as_ref().map(|v| metrics::micro_f1(&v.counts))),
-            opt(validation.as_ref().and_then(|v| metrics::macro_f1(&v.counts))),
+            opt(validation
+                .as_ref()
+                .and_then(|v| metrics::macro_f1(&v.counts))),
             format!("{}", settings.lr),
             format!("{epoch_time:.3}"),
             format!("{images_per_s:.2}"),
@@ -392,8 +452,19 @@ pub fn fit(settings: &FitSettings, run_dir: &Path, resume: bool, device: Device)
                 None => row.extend(std::iter::repeat_n(String::new(), 4)),
             }
         }
-        writeln!(csv, "{}", row.join(",")).and_then(|_| csv.sync_data()).with_context(|| format!("cannot write {}", csv_path.display()))?;
-        print_epoch(epoch, settings.epochs, train_loss, validation.as_ref(), &labels, epoch_time, images_per_s, improved);
+        writeln!(csv, "{}", row.join(","))
+            .and_then(|_| csv.sync_data())
+            .with_context(|| format!("cannot write {}", csv_path.display()))?;
+        print_epoch(
+            epoch,
+            settings.epochs,
+            train_loss,
+            validation.as_ref(),
+            &labels,
+            epoch_time,
+            images_per_s,
+            improved,
+        );
         summary.epochs_done = epoch;
         summary.best_val_loss = best;
     }
@@ -418,7 +489,9 @@ fn print_epoch(
             v.loss,
             if improved { " (best)" } else { "" },
             metrics::micro_f1(&v.counts),
-            metrics::macro_f1(&v.counts).map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into())
+            metrics::macro_f1(&v.counts)
+                .map(|m| format!("{m:.3}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     line += &format!("  {seconds:.1} s, {images_per_s:.1} images/s");
