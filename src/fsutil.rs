@@ -11,12 +11,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes).map_err(Into::into))
 }
 
-/// Like [`write_atomic`] for writers that need a file handle (HDF5, PNG encoders...). `write`
-/// gets the temporary file; it is renamed into place only if `write` succeeds.
+/// Like [`write_atomic`] for writers that need a file handle (PNG encoders...). `write` gets
+/// the temporary file; it is renamed into place only if `write` succeeds.
 pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> Result<()>,
 ) -> Result<()> {
+    write_atomic_path(path, |tmp| {
+        let mut file = std::fs::OpenOptions::new().write(true).open(tmp)?;
+        write(&mut file)?;
+        file.sync_all().with_context(|| {
+            format!(
+                "cannot write {} (sync failed; is the disk full?)",
+                path.display()
+            )
+        })
+    })
+}
+
+/// Like [`write_atomic`] for writers that open the file themselves by path (HDF5): `write` gets
+/// the path of an empty temporary file in the destination's folder, which is renamed into place
+/// only if `write` succeeds, and removed otherwise.
+pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -24,18 +40,12 @@ pub fn write_atomic_with(
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    write(tmp.as_file_mut()).with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.as_file_mut().sync_all().with_context(|| {
-        format!(
-            "cannot write {} (sync failed; is the disk full?)",
-            path.display()
-        )
-    })?;
+    write(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path).map_err(|e| e.error).with_context(|| {
         format!(
             "cannot move the finished file into place at {}",

@@ -462,23 +462,11 @@ pub fn original_layer_names() -> Vec<String> {
 /// layout. The original `multiinference.py` loads it with `model.load_weights`. Written to a
 /// temporary file and renamed into place.
 pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
-    use anyhow::Context;
     let vars = vs.variables();
     let layers: std::collections::HashMap<String, Vec<(String, String)>> =
         keras_layers(vs).into_iter().collect();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".keras.")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    let write = || -> hdf5::Result<()> {
-        let file = hdf5::File::create(tmp.path())?;
+    let write = |tmp: &Path| -> hdf5::Result<()> {
+        let file = hdf5::File::create(tmp)?;
         let ascii =
             |s: &str| VarLenAscii::from_ascii(s).map_err(|e| hdf5::Error::from(e.to_string()));
         let scalar = |name: &str, value: &str| -> hdf5::Result<()> {
@@ -538,15 +526,13 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
         file.flush()?;
         Ok(())
     };
-    write().map_err(|e| KerasError::Write {
-        file: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| {
-        format!(
-            "cannot move the finished file into place at {}",
-            path.display()
-        )
-    })?;
-    Ok(())
+    crate::fsutil::write_atomic_path(path, |tmp| {
+        write(tmp).map_err(|e| {
+            KerasError::Write {
+                file: path.display().to_string(),
+                reason: e.to_string(),
+            }
+            .into()
+        })
+    })
 }
