@@ -8,6 +8,7 @@ pub mod device;
 pub mod fsutil;
 pub mod infer;
 pub mod metrics;
+pub mod plots;
 pub mod model;
 pub mod progress;
 pub mod train;

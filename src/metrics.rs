@@ -98,6 +98,118 @@ pub fn bce(probs: &[f32], targets: &[f32]) -> f64 {
     sum / probs.len().max(1) as f64
 }
 
+/// Average precision of one label (scikit-learn's `average_precision_score`): the sum over
+/// distinct score thresholds, from high to low, of (recall gain) × precision. `None` when the
+/// label has no positive.
+pub fn average_precision(scores: &[f32], truth: &[bool]) -> Option<f64> {
+    let positives = truth.iter().filter(|t| **t).count();
+    if positives == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp, mut ap, mut prev_recall) = (0usize, 0usize, 0.0, 0.0);
+    let mut i = 0;
+    while i < order.len() {
+        // All items tied at this score enter together.
+        let s = scores[order[i]];
+        while i < order.len() && scores[order[i]] == s {
+            if truth[order[i]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+        }
+        let recall = tp as f64 / positives as f64;
+        let precision = tp as f64 / (tp + fp) as f64;
+        ap += (recall - prev_recall) * precision;
+        prev_recall = recall;
+    }
+    Some(ap)
+}
+
+/// The precision-recall curve of one label: (recall, precision) at each distinct threshold, from
+/// the highest score down.
+pub fn pr_curve(scores: &[f32], truth: &[bool]) -> Vec<(f64, f64)> {
+    let positives = truth.iter().filter(|t| **t).count().max(1);
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let mut curve = vec![(0.0, 1.0)];
+    let mut i = 0;
+    while i < order.len() {
+        let s = scores[order[i]];
+        while i < order.len() && scores[order[i]] == s {
+            if truth[order[i]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+        }
+        curve.push((tp as f64 / positives as f64, tp as f64 / (tp + fp) as f64));
+    }
+    curve
+}
+
+/// The threshold that maximises a label's F1 under the rule `p > t`, ties going to the lower
+/// threshold. Candidates are 0, every distinct score and `current` (so the result is never
+/// worse than `current`). `None` when the label has no positive.
+pub fn best_threshold(scores: &[f32], truth: &[bool], current: f32) -> Option<(f32, f64)> {
+    if !truth.iter().any(|t| *t) {
+        return None;
+    }
+    let mut candidates: Vec<f32> = scores.to_vec();
+    candidates.push(0.0);
+    candidates.push(current);
+    candidates.sort_by(f32::total_cmp);
+    candidates.dedup();
+    let f1_at = |t: f32| {
+        let mut c = Counts::default();
+        for (&p, &y) in scores.iter().zip(truth) {
+            match (p > t, y) {
+                (true, true) => c.tp += 1,
+                (true, false) => c.fp += 1,
+                (false, true) => c.fn_ += 1,
+                (false, false) => c.tn += 1,
+            }
+        }
+        c.f1()
+    };
+    let mut best: Option<(f32, f64)> = None;
+    for t in candidates {
+        let f = f1_at(t);
+        if best.is_none_or(|(_, bf)| f > bf) {
+            best = Some((t, f));
+        }
+    }
+    best
+}
+
+/// Parent relations implied by a taxonomy: `(child, parent)` label indices where every folder
+/// that sets the child also sets the parent (`picture_landmark` -> `picture`, ...).
+pub fn implied_parents(taxonomy: &crate::data::taxonomy::Taxonomy) -> Vec<(usize, usize)> {
+    let labels = &taxonomy.labels;
+    let mut pairs = Vec::new();
+    for (c, child) in labels.iter().enumerate() {
+        let folders: Vec<&Vec<String>> = taxonomy.folders.values().filter(|ls| ls.contains(child)).collect();
+        if folders.is_empty() {
+            continue;
+        }
+        for (p, parent) in labels.iter().enumerate() {
+            if p != c && folders.iter().all(|ls| ls.contains(parent)) {
+                // Skip labels that always co-occur both ways (no hierarchy between them).
+                let reverse = taxonomy.folders.values().filter(|ls| ls.contains(parent)).all(|ls| ls.contains(child));
+                if !reverse {
+                    pairs.push((c, p));
+                }
+            }
+        }
+    }
+    pairs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +272,45 @@ mod tests {
         assert_eq!(macro_f1(&c), Some(0.0));
         assert_eq!(c[0].precision(), 0.0);
         assert_eq!(macro_f1(&count(&[0.1], &[0.0], 1, &[0.5])), None);
+    }
+
+    #[test]
+    fn average_precision_matches_scikit_learn() {
+        // sklearn.metrics.average_precision_score([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.8333...
+        let ap = average_precision(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]).unwrap();
+        assert!((ap - 0.8333333333).abs() < 1e-9, "{ap}");
+        assert_eq!(average_precision(&[0.3, 0.9], &[true, true]), Some(1.0));
+        assert_eq!(average_precision(&[0.3, 0.9], &[false, false]), None);
+        // Ties enter together: one positive and one negative at the same score -> 0.5.
+        assert_eq!(average_precision(&[0.5, 0.5], &[true, false]), Some(0.5));
+    }
+
+    #[test]
+    fn best_threshold_maximises_f1_and_prefers_the_lower() {
+        let scores = [0.9, 0.8, 0.3, 0.2, 0.1];
+        let truth = [true, true, true, false, false];
+        let (t, f) = best_threshold(&scores, &truth, 0.5).unwrap();
+        assert_eq!(f, 1.0);
+        // p > t must include 0.3 and exclude 0.2: the lowest such candidate is 0.2.
+        assert_eq!(t, 0.2);
+        assert_eq!(best_threshold(&scores, &[false; 5], 0.5), None);
+        // Never worse than the current threshold.
+        let (_, f2) = best_threshold(&[0.6, 0.4], &[true, false], 0.5).unwrap();
+        assert_eq!(f2, 1.0);
+    }
+
+    #[test]
+    fn ndl_hierarchy() {
+        let t = crate::data::taxonomy::Taxonomy::ndl();
+        let pairs = implied_parents(&t);
+        let name = |i: usize| t.labels[i].as_str();
+        let named: Vec<(&str, &str)> = pairs.iter().map(|&(c, p)| (name(c), name(p))).collect();
+        assert!(named.contains(&("picture_landmark", "picture")));
+        assert!(named.contains(&("picture_landmark", "picture_outdoor")));
+        assert!(named.contains(&("graphic_map", "graphic")));
+        assert!(!named.contains(&("picture_outdoor", "picture_landmark")));
+        assert!(!named.iter().any(|(c, _)| *c == "graphic" || *c == "stamp"));
+        assert_eq!(named.len(), 9);
     }
 
     #[test]
