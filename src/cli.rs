@@ -21,6 +21,44 @@ pub enum Command {
     Infer(InferArgs),
     /// Train the tagger from a folder per tag (the original multitrain_efficientnet.py recipe).
     Fit(FitArgs),
+    /// Measure a model on a labelled dataset: per-label metrics, average precision, pictures,
+    /// per-label threshold calibration and a review list.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model: a trainer checkpoint or a Keras HDF5 file (NDL labels).
+    #[arg(long, short = 'w')]
+    pub weights: PathBuf,
+    /// Labelled dataset: one folder per tag, expanded with the model's taxonomy.
+    #[arg(long, default_value = "datasetpdm")]
+    pub data: PathBuf,
+    /// Evaluate exactly the validation images of this run folder (runs/<run>/val.txt).
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    /// Folder for eval.json, eval.csv, the pictures and review.csv. Default: the folder of --weights.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// One threshold for every label (default: the model's own thresholds).
+    #[arg(long, value_parser = parse_threshold)]
+    pub threshold: Option<f32>,
+    /// Choose per-label thresholds that maximise each label's F1 on these images and write them
+    /// into a new checkpoint (OUTPUT/<name>.calibrated.ckpt).
+    #[arg(long)]
+    pub calibrate: bool,
+    /// With --calibrate: write the thresholds into the --weights checkpoint itself.
+    #[arg(long, requires = "calibrate")]
+    pub in_place: bool,
+    /// Write review.csv: per label, the N misclassified images with the largest loss.
+    #[arg(long, default_value_t = 0)]
+    pub review: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{FitArgs, InferArgs};
+use crate::cli::{EvalArgs, FitArgs, InferArgs};
 use crate::device;
+use crate::eval::{self, EvalOptions};
 use crate::infer::{self, InferOptions};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
@@ -97,5 +98,41 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         run_dir.display(),
         settings.weights_dir.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer eval`.
+pub fn eval(args: EvalArgs) -> Result<ExitCode> {
+    let device = args.device.resolve()?;
+    let model = load_for_inference(&args.weights, device)?;
+    eprintln!("model: {}", model.description);
+    let output = args.output.clone().unwrap_or_else(|| {
+        args.weights
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf()
+    });
+    let opts = EvalOptions {
+        weights: args.weights,
+        data: args.data,
+        split: args.split,
+        output,
+        threshold: args.threshold,
+        calibrate: args.calibrate,
+        in_place: args.in_place,
+        review: args.review,
+        batch_size: args.batch_size as usize,
+    };
+    let rep = eval::run(&model, &opts)?;
+    eval::print_report(&rep);
+    eprintln!(
+        "wrote eval.json, eval.csv, pr_curves.png, confusion.png{} in {}",
+        if opts.review > 0 { ", review.csv" } else { "" },
+        opts.output.display()
+    );
+    if let Some(path) = &rep.calibrated_checkpoint {
+        eprintln!("calibrated thresholds written to {path}; `trainer infer --weights {path}` applies them");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -46,6 +46,12 @@ pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     write(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    // Temporary files are private (0600); the finished file gets the usual permissions.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
     tmp.persist(path).map_err(|e| e.error).with_context(|| {
         format!(
             "cannot move the finished file into place at {}",

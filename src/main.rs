@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Infer(args) => trainer::commands::infer(args),
         Command::Fit(args) => trainer::commands::fit(args),
+        Command::Eval(args) => trainer::commands::eval(args),
     };
     match result {
         Ok(code) => code,

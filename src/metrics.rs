@@ -193,14 +193,22 @@ pub fn implied_parents(taxonomy: &crate::data::taxonomy::Taxonomy) -> Vec<(usize
     let labels = &taxonomy.labels;
     let mut pairs = Vec::new();
     for (c, child) in labels.iter().enumerate() {
-        let folders: Vec<&Vec<String>> = taxonomy.folders.values().filter(|ls| ls.contains(child)).collect();
+        let folders: Vec<&Vec<String>> = taxonomy
+            .folders
+            .values()
+            .filter(|ls| ls.contains(child))
+            .collect();
         if folders.is_empty() {
             continue;
         }
         for (p, parent) in labels.iter().enumerate() {
             if p != c && folders.iter().all(|ls| ls.contains(parent)) {
                 // Skip labels that always co-occur both ways (no hierarchy between them).
-                let reverse = taxonomy.folders.values().filter(|ls| ls.contains(parent)).all(|ls| ls.contains(child));
+                let reverse = taxonomy
+                    .folders
+                    .values()
+                    .filter(|ls| ls.contains(parent))
+                    .all(|ls| ls.contains(child));
                 if !reverse {
                     pairs.push((c, p));
                 }

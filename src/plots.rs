@@ -26,7 +26,11 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 }
 
 /// Renders `(w, h)` RGB pixels with `draw` and writes them as a PNG.
-fn render(path: &Path, (w, h): (u32, u32), draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>) -> Result<()> {
+fn render(
+    path: &Path,
+    (w, h): (u32, u32),
+    draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
     register_font();
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
@@ -111,7 +115,10 @@ fn line_chart(
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = colour(i);
         chart
-            .draw_series(LineSeries::new(pts.iter().copied().filter(|(_, y)| y.is_finite()), c.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                pts.iter().copied().filter(|(_, y)| y.is_finite()),
+                c.stroke_width(2),
+            ))
             .map_err(err)?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
@@ -128,61 +135,139 @@ fn line_chart(
 }
 
 /// `results.png`: losses, micro/macro F1 and per-label F1 over epochs.
-pub fn training_curves(path: &Path, losses: &[Series], f1: &[Series], per_label: &[Series]) -> Result<()> {
+pub fn training_curves(
+    path: &Path,
+    losses: &[Series],
+    f1: &[Series],
+    per_label: &[Series],
+) -> Result<()> {
     render(path, (1800, 560), |root| {
         let areas = root.split_evenly((1, 3));
-        line_chart(&areas[0], "Loss", "epoch", "binary cross-entropy", losses, None)?;
-        line_chart(&areas[1], "Validation F1 (threshold 0.5)", "epoch", "F1", f1, Some((0.0, 1.02)))?;
-        line_chart(&areas[2], "Validation F1 per label", "epoch", "F1", per_label, Some((0.0, 1.02)))
+        line_chart(
+            &areas[0],
+            "Loss",
+            "epoch",
+            "binary cross-entropy",
+            losses,
+            None,
+        )?;
+        line_chart(
+            &areas[1],
+            "Validation F1 (threshold 0.5)",
+            "epoch",
+            "F1",
+            f1,
+            Some((0.0, 1.02)),
+        )?;
+        line_chart(
+            &areas[2],
+            "Validation F1 per label",
+            "epoch",
+            "F1",
+            per_label,
+            Some((0.0, 1.02)),
+        )
     })
 }
 
 /// `pr_curves.png`: one precision-recall curve per label (AP in the legend).
 pub fn pr_curves(path: &Path, curves: &[Series]) -> Result<()> {
     render(path, (1000, 800), |root| {
-        line_chart(&root, "Precision-recall per label", "recall", "precision", curves, Some((0.0, 1.02)))
+        line_chart(
+            &root,
+            "Precision-recall per label",
+            "recall",
+            "precision",
+            curves,
+            Some((0.0, 1.02)),
+        )
     })
 }
 
-/// `confusion.png`: `counts[t][p]` = images with true label `t` that were predicted label `p`.
-pub fn confusion(path: &Path, labels: &[String], counts: &[Vec<u64>], threshold_note: &str) -> Result<()> {
-    let n = labels.len();
-    render(path, (1100, 1000), |root| {
+/// `confusion.png`: `counts[t][p]` = images with true label `t` that were predicted label `p`,
+/// as a heat map with the count in each cell.
+pub fn confusion(
+    path: &Path,
+    labels: &[String],
+    counts: &[Vec<u64>],
+    threshold_note: &str,
+) -> Result<()> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let n = labels.len().max(1) as i32;
+    let (left, top, cell) = (200i32, 70i32, 64i32);
+    let (w, h) = ((left + n * cell + 40) as u32, (top + n * cell + 200) as u32);
+    render(path, (w, h), |root| {
         let max = counts.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(format!("True label vs predicted label ({threshold_note})"), (FONT, 22))
-            .margin(15)
-            .x_label_area_size(150)
-            .y_label_area_size(170)
-            .build_cartesian_2d(0..n, 0..n)
-            .map_err(err)?;
-        let name = |i: &usize| labels.get(*i).cloned().unwrap_or_default();
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(n)
-            .y_labels(n)
-            .x_label_formatter(&name)
-            .y_label_formatter(&|i| name(&(n - 1 - i.min(&(n - 1)))))
-            .x_label_style((FONT, 13).into_font().transform(FontTransform::Rotate90))
-            .y_label_style((FONT, 13))
-            .x_desc("predicted label")
-            .y_desc("true label")
-            .axis_desc_style((FONT, 16))
-            .draw()
-            .map_err(err)?;
+        let title = (FONT, 22)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Top));
+        root.draw(&Text::new(
+            format!("True label (rows) vs predicted label (columns), {threshold_note}"),
+            ((w / 2) as i32, 15),
+            title,
+        ))
+        .map_err(err)?;
+        let centred = (FONT, 15)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        let right = (FONT, 15)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Right, VPos::Center));
+        let down = (FONT, 15)
+            .into_font()
+            .transform(FontTransform::Rotate90)
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Left, VPos::Center));
         for (t, row) in counts.iter().enumerate() {
+            let y = top + t as i32 * cell;
+            root.draw(&Text::new(
+                labels[t].clone(),
+                (left - 8, y + cell / 2),
+                right.clone(),
+            ))
+            .map_err(err)?;
             for (p, &c) in row.iter().enumerate() {
-                let y = n - 1 - t;
+                let x = left + p as i32 * cell;
                 let v = c as f64 / max;
-                let fill = RGBColor((255.0 * (1.0 - 0.8 * v)) as u8, (255.0 * (1.0 - 0.55 * v)) as u8, 255);
-                chart
-                    .draw_series(std::iter::once(Rectangle::new([(p, y), (p + 1, y + 1)], fill.filled())))
-                    .map_err(err)?;
-                chart
-                    .draw_series(std::iter::once(Text::new(c.to_string(), (p, y + 1), (FONT, 14).into_font())))
-                    .map_err(err)?;
+                let fill = RGBColor(
+                    (255.0 * (1.0 - 0.8 * v)) as u8,
+                    (255.0 * (1.0 - 0.55 * v)) as u8,
+                    255,
+                );
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell, y + cell)],
+                    fill.filled(),
+                ))
+                .map_err(err)?;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell, y + cell)],
+                    BLACK.mix(0.2),
+                ))
+                .map_err(err)?;
+                let text = if v > 0.6 {
+                    centred.clone().color(&WHITE)
+                } else {
+                    centred.clone()
+                };
+                root.draw(&Text::new(
+                    c.to_string(),
+                    (x + cell / 2, y + cell / 2),
+                    text,
+                ))
+                .map_err(err)?;
             }
+        }
+        for (p, label) in labels.iter().enumerate() {
+            let x = left + p as i32 * cell + cell / 2;
+            root.draw(&Text::new(
+                label.clone(),
+                (x, top + n * cell + 8),
+                down.clone(),
+            ))
+            .map_err(err)?;
         }
         Ok(())
     })
@@ -196,7 +281,10 @@ mod tests {
     fn writes_a_non_blank_png() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pr.png");
-        let curves = vec![("a (AP 0.80)".to_string(), vec![(0.0, 1.0), (0.5, 0.8), (1.0, 0.5)])];
+        let curves = vec![(
+            "a (AP 0.80)".to_string(),
+            vec![(0.0, 1.0), (0.5, 0.8), (1.0, 0.5)],
+        )];
         pr_curves(&path, &curves).unwrap();
         let img = image::open(&path).unwrap().into_rgb8();
         assert_eq!(img.dimensions(), (1000, 800));

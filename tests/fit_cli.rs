@@ -365,5 +365,5 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     for (p, bytes) in snapshot {
         assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
     }
-    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 5);
+    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 6);
 }

@@ -70,6 +70,17 @@ pub fn resolve_taxonomy(root: &Path, folders: &[String], file: Option<&Path>) ->
         Some(f) => read_taxonomy(f)?,
         None => Taxonomy::ndl(),
     };
+    check_folders(
+        root,
+        folders,
+        &taxonomy,
+        "For another collection, describe its tags with --taxonomy FILE.",
+    )?;
+    Ok(taxonomy)
+}
+
+/// Every folder must be a tag of the taxonomy; the error lists the unknown and the known ones.
+fn check_folders(root: &Path, folders: &[String], taxonomy: &Taxonomy, hint: &str) -> Result<()> {
     let unknown: Vec<&str> = folders
         .iter()
         .filter(|f| !taxonomy.folders.contains_key(*f))
@@ -78,13 +89,13 @@ pub fn resolve_taxonomy(root: &Path, folders: &[String], file: Option<&Path>) ->
     if !unknown.is_empty() {
         let known: Vec<&str> = taxonomy.folders.keys().map(String::as_str).collect();
         bail!(
-            "{}: unknown tag folder(s): {}. Known tags: {}. (For another collection, describe its tags with --taxonomy FILE.)",
+            "{}: unknown tag folder(s): {}. Known tags: {}. ({hint})",
             root.display(),
             unknown.join(", "),
             known.join(", ")
         );
     }
-    Ok(taxonomy)
+    Ok(())
 }
 
 /// Every file under the tag folders, sorted by path.
@@ -181,8 +192,28 @@ pub fn load_cache(
     })
 }
 
-/// Tag folders under `root` with no folder at all is an error too.
+/// The tag folders and files of a dataset, with its taxonomy (the file's, else the NDL one).
+/// A root with no tag folder at all is an error too.
 pub fn open(root: &Path, taxonomy_file: Option<&Path>) -> Result<(Taxonomy, Vec<Sample>)> {
+    let folders = non_empty_tag_folders(root)?;
+    let taxonomy = resolve_taxonomy(root, &folders, taxonomy_file)?;
+    let samples = scan(root, &folders)?;
+    Ok((taxonomy, samples))
+}
+
+/// Like [`open`] with a given taxonomy (a model's), which every folder must belong to.
+pub fn open_with(root: &Path, taxonomy: &Taxonomy) -> Result<Vec<Sample>> {
+    let folders = non_empty_tag_folders(root)?;
+    check_folders(
+        root,
+        &folders,
+        taxonomy,
+        "The model's taxonomy has no such tag.",
+    )?;
+    scan(root, &folders)
+}
+
+fn non_empty_tag_folders(root: &Path) -> Result<Vec<String>> {
     let folders = tag_folders(root)?;
     if folders.is_empty() {
         bail!(
@@ -191,9 +222,7 @@ pub fn open(root: &Path, taxonomy_file: Option<&Path>) -> Result<(Taxonomy, Vec<
             root.display()
         );
     }
-    let taxonomy = resolve_taxonomy(root, &folders, taxonomy_file)?;
-    let samples = scan(root, &folders)?;
-    Ok((taxonomy, samples))
+    Ok(folders)
 }
 
 #[cfg(test)]

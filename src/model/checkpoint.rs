@@ -89,6 +89,11 @@ pub fn save(
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone())),
     );
+    write_named(path, meta, &named)
+}
+
+/// Writes named tensors (already prefixed `model.` / `adam.`) and metadata atomically.
+fn write_named(path: &Path, meta: &CheckpointMeta, named: &[(String, Tensor)]) -> Result<()> {
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = named
         .iter()
         .map(|(k, t)| {
@@ -182,6 +187,17 @@ impl Checkpoint {
             }
             Ok(())
         })
+    }
+
+    /// Writes this checkpoint (possibly with edited metadata) to `path`, atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        write_named(path, &self.meta, &named)
     }
 
     /// True when the file is one of ours (safetensors with trainer metadata).

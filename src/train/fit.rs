@@ -465,6 +465,9 @@ pub fn fit(
             images_per_s,
             improved,
         );
+        if let Err(e) = draw_results(&csv_path, &run_dir.join("results.png"), &labels) {
+            eprintln!("warning: cannot draw results.png: {e:#}");
+        }
         summary.epochs_done = epoch;
         summary.best_val_loss = best;
     }
@@ -509,4 +512,37 @@ fn print_epoch(
             );
         }
     }
+}
+
+/// `results.png` from `results.csv`: losses, micro/macro F1 and per-label F1 over epochs.
+pub fn draw_results(csv: &Path, png: &Path, labels: &[String]) -> Result<()> {
+    let text = std::fs::read_to_string(csv)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let series = |name: &str, title: &str| -> crate::plots::Series {
+        let col = header.iter().position(|h| *h == name);
+        let points = rows
+            .iter()
+            .filter_map(|r| {
+                let x: f64 = r.first()?.parse().ok()?;
+                let y: f64 = r.get(col?)?.parse().ok()?;
+                Some((x, y))
+            })
+            .collect();
+        (title.to_string(), points)
+    };
+    let losses = vec![
+        series("train_loss", "train"),
+        series("val_loss", "validation"),
+    ];
+    let f1 = vec![
+        series("val_micro_f1", "micro-F1"),
+        series("val_macro_f1", "macro-F1"),
+    ];
+    let per_label: Vec<_> = labels
+        .iter()
+        .map(|l| series(&format!("f1/{l}"), l))
+        .collect();
+    crate::plots::training_curves(png, &losses, &f1, &per_label)
 }

@@ -37,3 +37,41 @@ pub fn oracle_images() -> Vec<PathBuf> {
 pub fn trainer() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
 }
+
+/// A valid PNG of the given size with real drawing on it: many non-white pixels, some of them
+/// coloured (lines or cells, not only black text).
+pub fn assert_drawn_png(path: &std::path::Path, size: (u32, u32)) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{} is not a PNG",
+        path.display()
+    );
+    assert!(
+        bytes.len() > 10_000,
+        "{}: only {} bytes",
+        path.display(),
+        bytes.len()
+    );
+    let img = image::load_from_memory(&bytes).unwrap().into_rgb8();
+    assert_eq!(img.dimensions(), size, "{}", path.display());
+    let total = (size.0 * size.1) as usize;
+    let non_white = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+    let coloured = img
+        .pixels()
+        .filter(|p| {
+            let [r, g, b] = p.0;
+            r.max(g).max(b) as i32 - r.min(g).min(b) as i32 > 60
+        })
+        .count();
+    assert!(
+        non_white > total / 100,
+        "{}: {non_white} drawn pixels of {total}",
+        path.display()
+    );
+    assert!(
+        coloured > total / 200,
+        "{}: {coloured} coloured pixels of {total}",
+        path.display()
+    );
+}
