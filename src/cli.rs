@@ -24,6 +24,66 @@ pub enum Command {
     /// Measure a model on a labelled dataset: per-label metrics, average precision, pictures,
     /// per-label threshold calibration and a review list.
     Eval(EvalArgs),
+    /// Download images: random illustrations per tag from the library's API (--tag), or the
+    /// NDL-ImageLabel dataset from its metadata.csv (--metadata), through the IIIF Image API.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Tag to fetch (repeatable): images go to OUT/<tag>/<id>.jpg (OUT/unknown/ for items the
+    /// library's model left untagged).
+    #[arg(
+        long = "tag",
+        required_unless_present = "metadata",
+        conflicts_with = "metadata"
+    )]
+    pub tags: Vec<String>,
+    /// With --tag: images wanted in each OUT/<tag>/.
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    /// NDL-ImageLabel metadata.csv: download every row's image into OUT/<label>/<file name>.
+    #[arg(long)]
+    pub metadata: Option<PathBuf>,
+    /// With --metadata: only the first N selected rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// With --metadata: only these labels (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Output dataset folder.
+    #[arg(long, default_value = "datasetpdm")]
+    pub out: PathBuf,
+    /// Image height asked of the IIIF server.
+    #[arg(long, default_value_t = 256)]
+    pub height: u32,
+    /// Illustrations asked per API call.
+    #[arg(long, default_value_t = 10)]
+    pub size: usize,
+    /// The illustration API.
+    #[arg(long, default_value = crate::fetch::DEFAULT_API_BASE)]
+    pub api_base: String,
+    /// The IIIF Image API server.
+    #[arg(long, default_value = crate::fetch::DEFAULT_IIIF_BASE)]
+    pub iiif_base: String,
+    /// Downloads at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub jobs: u32,
+    /// Minimum time between two requests, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub delay_ms: u64,
+    /// Connect and read timeout, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Retries of a request that timed out, was cut short, or got 429 or 5xx.
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    /// First wait before a retry, in milliseconds (doubled each time; Retry-After wins).
+    #[arg(long, default_value_t = 1000)]
+    pub backoff_ms: u64,
+    /// With --tag: API calls in a row that may bring nothing new before giving up on a tag.
+    #[arg(long, default_value_t = 20)]
+    pub patience: usize,
 }
 
 #[derive(Debug, Args)]

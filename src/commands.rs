@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{EvalArgs, FitArgs, InferArgs};
+use crate::cli::{EvalArgs, FetchArgs, FitArgs, InferArgs};
 use crate::device;
 use crate::eval::{self, EvalOptions};
+use crate::fetch::{self, Client, ClientOptions, MetadataFetch, TagFetch};
 use crate::infer::{self, InferOptions};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
@@ -135,4 +136,61 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         eprintln!("calibrated thresholds written to {path}; `trainer infer --weights {path}` applies them");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer fetch`.
+pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
+    let client = Client::new(ClientOptions {
+        jobs: args.jobs as usize,
+        delay: std::time::Duration::from_millis(args.delay_ms),
+        timeout: std::time::Duration::from_secs_f64(args.timeout.max(0.1)),
+        retries: args.retries,
+        backoff: std::time::Duration::from_millis(args.backoff_ms),
+    });
+    let start = std::time::Instant::now();
+    let s = match &args.metadata {
+        Some(metadata) => fetch::fetch_metadata(
+            &client,
+            &MetadataFetch {
+                metadata: metadata.clone(),
+                out: args.out.clone(),
+                iiif_base: args.iiif_base.clone(),
+                height: args.height,
+                limit: args.limit,
+                labels: args.labels.clone(),
+            },
+        )?,
+        None => fetch::fetch_tags(
+            &client,
+            &TagFetch {
+                tags: args.tags.clone(),
+                count: args.count,
+                out: args.out.clone(),
+                api_base: args.api_base.clone(),
+                iiif_base: args.iiif_base.clone(),
+                height: args.height,
+                page_size: args.size.max(1),
+                patience: args.patience.max(1),
+            },
+        )?,
+    };
+    eprintln!(
+        "fetch: saved {}, skipped {} (already on disk), failed {} in {:.1} s; log in {}",
+        s.saved,
+        s.skipped,
+        s.failed,
+        start.elapsed().as_secs_f64(),
+        args.out.join("fetch.csv").display()
+    );
+    if s.interrupted {
+        eprintln!(
+            "interrupted: only whole images were written; run the same command again to continue"
+        );
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if s.failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fetch;
 pub mod fsutil;
 pub mod infer;
 pub mod metrics;

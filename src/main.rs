@@ -10,6 +10,7 @@ fn main() -> ExitCode {
         Command::Infer(args) => trainer::commands::infer(args),
         Command::Fit(args) => trainer::commands::fit(args),
         Command::Eval(args) => trainer::commands::eval(args),
+        Command::Fetch(args) => trainer::commands::fetch(args),
     };
     match result {
         Ok(code) => code,

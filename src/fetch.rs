@@ -1,0 +1,651 @@
+//! `trainer fetch`: grow a dataset from the library's illustration API, or rebuild the public
+//! dataset from its `metadata.csv`, through the IIIF Image API. A polite, resumable client: a
+//! concurrency limit, a minimum delay between requests, timeouts, retries with backoff (honouring
+//! `Retry-After`), and only whole, decodable images ever land on disk.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::data::decode::decode_bgr;
+use crate::fsutil::write_atomic;
+use crate::progress;
+
+pub const DEFAULT_API_BASE: &str = "https://lab.ndl.go.jp/dl/api/illustration";
+pub const DEFAULT_IIIF_BASE: &str = "https://www.dl.ndl.go.jp/api/iiif";
+/// Largest body accepted (an illustration at 256 px is tens of kB).
+const MAX_BODY: u64 = 64 << 20;
+
+/// How the client behaves.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub jobs: usize,
+    pub delay: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    /// First backoff; doubled at each retry (a `Retry-After` header takes precedence).
+    pub backoff: Duration,
+}
+
+/// Why a request failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("{0}")]
+    Transport(String),
+    #[error("not an image ({0})")]
+    NotImage(String),
+}
+
+impl FetchError {
+    fn retryable(&self) -> bool {
+        match self {
+            FetchError::Status(code) => *code == 429 || *code >= 500,
+            FetchError::Transport(_) => true,
+            FetchError::NotImage(_) => false,
+        }
+    }
+}
+
+/// An HTTP client with a global minimum delay between requests and retries.
+pub struct Client {
+    agent: ureq::Agent,
+    opts: ClientOptions,
+    next_slot: Mutex<Instant>,
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(opts.timeout)
+            .timeout_read(opts.timeout)
+            .timeout_write(opts.timeout)
+            .user_agent(concat!(
+                "trainer/",
+                env!("CARGO_PKG_VERSION"),
+                " (NDL illustration tagger dataset fetch; polite: limited concurrency and rate)"
+            ))
+            .build();
+        Client {
+            agent,
+            opts,
+            next_slot: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for this request's turn: requests start at least `delay` apart.
+    fn wait_turn(&self) {
+        let wait = {
+            let mut next = self.next_slot.lock().expect("rate limiter");
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + self.opts.delay;
+            start - now
+        };
+        std::thread::sleep(wait);
+    }
+
+    /// One attempt: the whole body, or why not (with the server's Retry-After, if any).
+    fn attempt(&self, url: &str) -> (Result<Vec<u8>, FetchError>, Option<Duration>) {
+        self.wait_turn();
+        match self.agent.get(url).call() {
+            Ok(resp) => {
+                let expected: Option<u64> =
+                    resp.header("Content-Length").and_then(|v| v.parse().ok());
+                let mut body = Vec::new();
+                let read = resp.into_reader().take(MAX_BODY).read_to_end(&mut body);
+                match read {
+                    Err(e) => (
+                        Err(FetchError::Transport(format!("body cut short: {e}"))),
+                        None,
+                    ),
+                    Ok(n) if expected.is_some_and(|e| e != n as u64) => (
+                        Err(FetchError::Transport(format!(
+                            "body cut short: {n} of {} bytes",
+                            expected.unwrap_or(0)
+                        ))),
+                        None,
+                    ),
+                    Ok(_) => (Ok(body), None),
+                }
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let retry_after = resp
+                    .header("Retry-After")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s.min(300)));
+                (Err(FetchError::Status(code)), retry_after)
+            }
+            Err(ureq::Error::Transport(t)) => (Err(FetchError::Transport(t.to_string())), None),
+        }
+    }
+
+    /// GET with retries on timeouts, cut bodies, 429 and 5xx; `check` validates the body (a
+    /// failed check is final).
+    pub fn get(
+        &self,
+        url: &str,
+        check: impl Fn(&[u8]) -> Result<(), FetchError>,
+    ) -> (Result<Vec<u8>, FetchError>, u32) {
+        let mut attempt = 0;
+        loop {
+            let (result, retry_after) = self.attempt(url);
+            let result = result.and_then(|b| check(&b).map(|_| b));
+            match result {
+                Err(e)
+                    if e.retryable() && attempt < self.opts.retries && !progress::interrupted() =>
+                {
+                    let backoff =
+                        retry_after.unwrap_or(self.opts.backoff * 2u32.saturating_pow(attempt));
+                    std::thread::sleep(backoff);
+                    attempt += 1;
+                }
+                other => return (other, attempt),
+            }
+        }
+    }
+}
+
+/// Python's `str(x)` for a JSON number: integers as written, floats with at least one decimal.
+fn python_number(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        Value::Number(n) => {
+            let f = n.as_f64()?;
+            Some(if f.fract() == 0.0 && f.abs() < 1e16 {
+                format!("{f:.1}")
+            } else {
+                format!("{f}")
+            })
+        }
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// One illustration from the API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiItem {
+    pub id: String,
+    pub pid: String,
+    pub page: u64,
+    /// `x,y,w,h` as the original formats it.
+    pub region: String,
+    pub tags: Vec<String>,
+}
+
+impl ApiItem {
+    pub fn parse(v: &Value) -> Result<Self> {
+        let field = |k: &str| {
+            v.get(k)
+                .with_context(|| format!("API item without '{k}': {v}"))
+        };
+        let text = |k: &str| -> Result<String> {
+            python_number(field(k)?)
+                .with_context(|| format!("API item field '{k}' is not a number or string: {v}"))
+        };
+        let page = match field("page")? {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+        .with_context(|| format!("API item with an unreadable page: {v}"))?;
+        let tags = match v.get("graphictags") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|t| match t {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Object(o) => o.get("tagname").and_then(|n| n.as_str()).map(String::from),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(ApiItem {
+            id: text("id")?,
+            pid: text("pid")?,
+            page,
+            region: format!(
+                "{},{},{},{}",
+                text("x")?,
+                text("y")?,
+                text("w")?,
+                text("h")?
+            ),
+            tags,
+        })
+    }
+
+    /// The original's IIIF address: `<base>/<pid>/R<page, 7 digits>/pct:<x>,<y>,<w>,<h>/,<height>/0/default.jpg`.
+    pub fn iiif_url(&self, base: &str, height: u32) -> String {
+        format!(
+            "{}/{}/R{:07}/pct:{}/,{height}/0/default.jpg",
+            base.trim_end_matches('/'),
+            self.pid,
+            self.page,
+            self.region
+        )
+    }
+}
+
+/// The `randomwithfacet` request for `size` random illustrations carrying `tag`.
+pub fn api_url(base: &str, tag: &str, size: usize) -> String {
+    format!(
+        "{}/randomwithfacet?size={size}&f-graphictags.tagname={tag}",
+        base.trim_end_matches('/')
+    )
+}
+
+/// A metadata.csv IIIF address resized by the server to `height` (the size segment becomes
+/// `,<height>`), with its base swapped for `iiif_base` when that differs from the default.
+pub fn metadata_url(url: &str, height: u32, iiif_base: &str) -> Result<String> {
+    let mut parts: Vec<&str> = url.trim().split('/').collect();
+    if parts.len() < 5 {
+        bail!("not a IIIF Image API address: {url}");
+    }
+    let size = format!(",{height}");
+    let n = parts.len();
+    parts[n - 3] = &size;
+    let rebuilt = parts.join("/");
+    let base = iiif_base.trim_end_matches('/');
+    Ok(match rebuilt.strip_prefix(DEFAULT_IIIF_BASE) {
+        Some(rest) if base != DEFAULT_IIIF_BASE => format!("{base}{rest}"),
+        _ => rebuilt,
+    })
+}
+
+/// Counts of a fetch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FetchSummary {
+    pub saved: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub interrupted: bool,
+}
+
+/// Accepts a body only if it decodes as an image (a truncated JPEG or an HTML page does not).
+fn check_image(bytes: &[u8]) -> Result<(), FetchError> {
+    decode_bgr(bytes, Path::new("response"))
+        .map(|_| ())
+        .map_err(|e| FetchError::NotImage(e.to_string()))
+}
+
+/// Append-only `fetch.csv` log.
+struct Log(Mutex<std::fs::File>);
+
+impl Log {
+    fn open(out: &Path) -> Result<Self> {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let path = out.join("fetch.csv");
+        let new = !path.exists();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if new {
+            writeln!(f, "id,pid,page,region,tags,url,status")?;
+        }
+        Ok(Log(Mutex::new(f)))
+    }
+
+    fn row(&self, fields: &[&str]) {
+        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        let mut f = self.0.lock().expect("log");
+        let _ = writeln!(f, "{}", line.join(","));
+        let _ = f.flush();
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Downloads `url` into `dest` if it is a whole image. Returns the log status.
+fn download(client: &Client, url: &str, dest: &Path) -> Result<String, String> {
+    let (result, retries) = client.get(url, check_image);
+    let note = if retries > 0 {
+        format!(" after {retries} retries")
+    } else {
+        String::new()
+    };
+    match result {
+        Ok(body) => match write_atomic(dest, &body) {
+            Ok(()) => Ok(format!("saved{note}")),
+            Err(e) => Err(format!("failed: {e:#}")),
+        },
+        Err(e) => Err(format!("failed{note}: {e}")),
+    }
+}
+
+/// Ids of the images already under `out` (any folder): `<out>/<folder>/<id>.jpg`.
+fn ids_on_disk(out: &Path) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    if let Ok(dirs) = std::fs::read_dir(out) {
+        for d in dirs.flatten().filter(|d| d.path().is_dir()) {
+            if let Ok(files) = std::fs::read_dir(d.path()) {
+                for f in files.flatten() {
+                    let p = f.path();
+                    if p.extension().and_then(|e| e.to_str()) == Some("jpg") {
+                        if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                            ids.insert(stem.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+fn count_jpgs(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .filter(|f| f.path().extension().and_then(|e| e.to_str()) == Some("jpg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Settings of `fetch --tag`.
+pub struct TagFetch {
+    pub tags: Vec<String>,
+    pub count: usize,
+    pub out: PathBuf,
+    pub api_base: String,
+    pub iiif_base: String,
+    pub height: u32,
+    pub page_size: usize,
+    /// API calls in a row that may bring nothing new before giving up on a tag.
+    pub patience: usize,
+}
+
+/// Runs `items` downloads (`(url, dest, log fields)`) on `jobs` threads.
+fn download_all(
+    client: &Client,
+    log: &Log,
+    jobs: usize,
+    items: Vec<(String, PathBuf, Vec<String>)>,
+    summary: &Mutex<FetchSummary>,
+    bar: &indicatif::ProgressBar,
+) {
+    let queue = Mutex::new(items.into_iter());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                if progress::interrupted() {
+                    return;
+                }
+                let Some((url, dest, fields)) = queue.lock().expect("queue").next() else {
+                    return;
+                };
+                let status = download(client, &url, &dest);
+                let mut row: Vec<&str> = fields.iter().map(String::as_str).collect();
+                row.push(&url);
+                let text = match &status {
+                    Ok(s) | Err(s) => s.clone(),
+                };
+                row.push(&text);
+                log.row(&row);
+                let mut sum = summary.lock().expect("summary");
+                match status {
+                    Ok(_) => sum.saved += 1,
+                    Err(e) => {
+                        sum.failed += 1;
+                        bar.suspend(|| eprintln!("{}: {e}", dest.display()));
+                    }
+                }
+                bar.set_message(format!(
+                    "saved {} skipped {} failed {}",
+                    sum.saved, sum.skipped, sum.failed
+                ));
+                bar.inc(1);
+            });
+        }
+    });
+}
+
+/// `fetch --tag`: random illustrations per tag until each `<out>/<tag>/` holds `count` images.
+pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
+    let log = Log::open(&f.out)?;
+    let summary = Mutex::new(FetchSummary::default());
+    let bar = progress::bar((f.tags.len() * f.count) as u64, "images");
+    bar.set_prefix("fetch");
+    let on_disk = ids_on_disk(&f.out);
+    let mut attempted = HashSet::new();
+    for tag in &f.tags {
+        let tag_dir = f.out.join(tag);
+        let mut idle_calls = 0;
+        while count_jpgs(&tag_dir) < f.count && !progress::interrupted() {
+            let have = count_jpgs(&tag_dir);
+            bar.set_position(bar.position().max(have as u64));
+            let url = api_url(&f.api_base, tag, f.page_size);
+            let (result, _) = client.get(&url, |b| {
+                serde_json::from_slice::<Value>(b)
+                    .map(|_| ())
+                    .map_err(|e| FetchError::NotImage(format!("API answer is not JSON: {e}")))
+            });
+            let body = match result {
+                Ok(b) => b,
+                Err(e) => {
+                    bail!("{url}: {e}; stopping (what was saved is kept; run the same command again to continue)");
+                }
+            };
+            let items: Vec<Value> = match serde_json::from_slice(&body)? {
+                Value::Array(a) => a,
+                Value::Object(o) => o
+                    .get("list")
+                    .or(o.get("items"))
+                    .and_then(|v| v.as_array())
+                    .cloned()
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let mut batch = Vec::new();
+            let mut wanted = f.count - have;
+            for v in &items {
+                let item = match ApiItem::parse(v) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        bar.suspend(|| eprintln!("skipped an API item: {e:#}"));
+                        continue;
+                    }
+                };
+                let url = item.iiif_url(&f.iiif_base, f.height);
+                let fields = vec![
+                    item.id.clone(),
+                    item.pid.clone(),
+                    item.page.to_string(),
+                    item.region.clone(),
+                    item.tags.join(";"),
+                ];
+                if attempted.contains(&item.id) {
+                    // Tried earlier in this run (and failed, or went to another folder).
+                    continue;
+                }
+                if on_disk.contains(&item.id) {
+                    summary.lock().expect("summary").skipped += 1;
+                    let mut row: Vec<&str> = fields.iter().map(String::as_str).collect();
+                    row.extend([url.as_str(), "skipped: already on disk"]);
+                    log.row(&row);
+                    continue;
+                }
+                let folder = if item.tags.is_empty() {
+                    "unknown"
+                } else {
+                    tag.as_str()
+                };
+                if folder == tag && wanted == 0 {
+                    continue;
+                }
+                if folder == tag {
+                    wanted -= 1;
+                }
+                attempted.insert(item.id.clone());
+                batch.push((
+                    url,
+                    f.out.join(folder).join(format!("{}.jpg", item.id)),
+                    fields,
+                ));
+            }
+            let before = count_jpgs(&tag_dir);
+            let n = batch.len();
+            download_all(client, &log, client.opts.jobs, batch, &summary, &bar);
+            if n == 0 || count_jpgs(&tag_dir) == before {
+                idle_calls += 1;
+                if idle_calls >= f.patience {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{tag}: {} API calls in a row brought no new image; stopping at {} of {}",
+                            f.patience,
+                            count_jpgs(&tag_dir),
+                            f.count
+                        )
+                    });
+                    break;
+                }
+            } else {
+                idle_calls = 0;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let mut s = *summary.lock().expect("summary");
+    s.interrupted = progress::interrupted();
+    Ok(s)
+}
+
+/// Settings of `fetch --metadata`.
+pub struct MetadataFetch {
+    pub metadata: PathBuf,
+    pub out: PathBuf,
+    pub iiif_base: String,
+    pub height: u32,
+    pub limit: Option<usize>,
+    pub labels: Vec<String>,
+}
+
+/// `fetch --metadata`: every row's image into `<out>/<label>/<file name>`.
+pub fn fetch_metadata(client: &Client, f: &MetadataFetch) -> Result<FetchSummary> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_path(&f.metadata)
+        .with_context(|| format!("cannot read {}", f.metadata.display()))?;
+    let log = Log::open(&f.out)?;
+    let summary = Mutex::new(FetchSummary::default());
+    let mut jobs = Vec::new();
+    for (line, record) in reader.records().enumerate() {
+        let record =
+            record.with_context(|| format!("{}: row {}", f.metadata.display(), line + 2))?;
+        let (file, label, url) = match (record.get(0), record.get(1), record.get(5)) {
+            (Some(a), Some(b), Some(c)) => (a.trim(), b.trim(), c.trim()),
+            _ => bail!(
+                "{}: row {} has fewer than 6 columns",
+                f.metadata.display(),
+                line + 2
+            ),
+        };
+        if !f.labels.is_empty() && !f.labels.iter().any(|l| l == label) {
+            continue;
+        }
+        if f.limit
+            .is_some_and(|l| jobs.len() + summary.lock().expect("summary").skipped >= l)
+        {
+            break;
+        }
+        if file.contains(['/', '\\']) || label.contains(['/', '\\']) || file.starts_with('.') {
+            bail!(
+                "{}: row {}: unsafe file or label name",
+                f.metadata.display(),
+                line + 2
+            );
+        }
+        let dest = f.out.join(label).join(file);
+        let url = metadata_url(url, f.height, &f.iiif_base)?;
+        let fields = vec![
+            file.to_string(),
+            String::new(),
+            String::new(),
+            String::new(),
+            label.to_string(),
+        ];
+        if dest.exists() {
+            summary.lock().expect("summary").skipped += 1;
+            let mut row: Vec<&str> = fields.iter().map(String::as_str).collect();
+            row.extend([url.as_str(), "skipped: already on disk"]);
+            log.row(&row);
+            continue;
+        }
+        jobs.push((url, dest, fields));
+    }
+    let bar = progress::bar(jobs.len() as u64, "images");
+    bar.set_prefix("fetch");
+    download_all(client, &log, client.opts.jobs, jobs, &summary, &bar);
+    bar.finish_and_clear();
+    let mut s = *summary.lock().expect("summary");
+    s.interrupted = progress::interrupted();
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn iiif_url_follows_the_original_rule() {
+        let item = ApiItem::parse(&json!({"id": "1017141_454_0", "pid": "1017141", "page": 454,
+            "x": 15.0, "y": 20.1, "w": 28.5, "h": 66.7, "graphictags": [{"tagname": "graphic_graph"}]}))
+        .unwrap();
+        assert_eq!(
+            item.iiif_url(DEFAULT_IIIF_BASE, 256),
+            "https://www.dl.ndl.go.jp/api/iiif/1017141/R0000454/pct:15.0,20.1,28.5,66.7/,256/0/default.jpg"
+        );
+        assert_eq!(item.tags, ["graphic_graph"]);
+        let item = ApiItem::parse(&json!({"id": 7, "pid": "2587246", "page": "3",
+            "x": 0, "y": 12.25, "w": 100, "h": 33.333, "graphictags": []}))
+        .unwrap();
+        assert_eq!(item.id, "7");
+        assert_eq!(
+            item.iiif_url("http://127.0.0.1:9/iiif/", 128),
+            "http://127.0.0.1:9/iiif/2587246/R0000003/pct:0,12.25,100,33.333/,128/0/default.jpg"
+        );
+        assert!(item.tags.is_empty());
+        let item = ApiItem::parse(
+            &json!({"id": "a", "pid": "1", "page": 1234567, "x": 1.5, "y": 2, "w": 3, "h": 4}),
+        )
+        .unwrap();
+        assert!(item
+            .iiif_url(DEFAULT_IIIF_BASE, 256)
+            .contains("/R1234567/pct:1.5,2,3,4/"));
+        assert!(ApiItem::parse(&json!({"id": "a", "pid": "1"})).is_err());
+    }
+
+    #[test]
+    fn api_and_metadata_urls() {
+        assert_eq!(
+            api_url(DEFAULT_API_BASE, "stamp", 10),
+            "https://lab.ndl.go.jp/dl/api/illustration/randomwithfacet?size=10&f-graphictags.tagname=stamp"
+        );
+        let full = "https://www.dl.ndl.go.jp/api/iiif/1017141/R0000454/pct:15.0,20.1,28.5,66.7/full/0/default.jpg";
+        assert_eq!(
+            metadata_url(full, 256, DEFAULT_IIIF_BASE).unwrap(),
+            "https://www.dl.ndl.go.jp/api/iiif/1017141/R0000454/pct:15.0,20.1,28.5,66.7/,256/0/default.jpg"
+        );
+        assert_eq!(
+            metadata_url(full, 128, "http://127.0.0.1:8/x").unwrap(),
+            "http://127.0.0.1:8/x/1017141/R0000454/pct:15.0,20.1,28.5,66.7/,128/0/default.jpg"
+        );
+    }
+}
