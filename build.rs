@@ -3,9 +3,23 @@
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-changed=src/shim/amp.cpp");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
+    // The C++ shim for what tch does not bind (autocast dtype, multi-tensor Adam), compiled
+    // against the headers of the same torch wheel.
+    let include = std::path::Path::new(&lib).join("../include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .file("src/shim/amp.cpp")
+        .compile("trainer_shim");
     // Applies to every linked target: the binary, unit-test and integration-test executables.
     // The libtorch folder of the torch wheel the build used (a stable per-user cache path).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

@@ -169,9 +169,24 @@ pub struct FitArgs {
     /// Drop-connect rate of the last block (block i of 16 uses rate * i / 16).
     #[arg(long, default_value_t = 0.2, value_parser = parse_fraction)]
     pub drop_connect: f64,
+    /// Forward-pass precision: bf16 or fp16 autocast (batch-norm statistics and the loss stay in
+    /// fp32), or fp32. Default: bf16 on CUDA, fp32 on CPU.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::train::amp::Precision>,
+    /// Memory order of activations and kernels. Default: channels-last on CUDA, contiguous on CPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub memory_format: MemoryFormat,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
+}
+
+/// `--memory-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryFormat {
+    Auto,
+    Contiguous,
+    ChannelsLast,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {

@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{EvalArgs, FetchArgs, FitArgs, InferArgs};
+use crate::cli::{EvalArgs, FetchArgs, FitArgs, InferArgs, MemoryFormat};
 use crate::device;
 use crate::eval::{self, EvalOptions};
 use crate::fetch::{self, Client, ClientOptions, MetadataFetch, TagFetch};
 use crate::infer::{self, InferOptions};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
+use crate::train::amp::Precision;
 use crate::train::fit::{self, FitSettings};
 
 /// `trainer infer`.
@@ -71,6 +72,12 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 epochs: args.epochs.unwrap_or(100),
                 drop_connect: args.drop_connect,
                 init: args.init,
+                precision: args.precision.unwrap_or(Precision::default_for(device)),
+                channels_last: match args.memory_format {
+                    MemoryFormat::Auto => device.is_cuda(),
+                    MemoryFormat::ChannelsLast => true,
+                    MemoryFormat::Contiguous => false,
+                },
             };
             let run_dir = match &args.run {
                 Some(name) => args.runs_dir.join(name),

@@ -367,3 +367,52 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     }
     assert_eq!(std::fs::read_dir(&good).unwrap().count(), 6);
 }
+
+#[test]
+fn fast_paths_run_on_a_cpu_only_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (notop, data) = (notop(), data());
+    for (run, precision, format) in [
+        ("bf16", "bf16", "channels-last"),
+        ("fp16", "fp16", "contiguous"),
+    ] {
+        let args = [
+            "--data",
+            data.to_str().unwrap(),
+            "--init",
+            notop.to_str().unwrap(),
+            "--image-size",
+            "48",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "12",
+            "--precision",
+            precision,
+            "--memory-format",
+            format,
+            "--run",
+            run,
+        ];
+        let stderr = ok(fit(dir.path(), &args));
+        assert!(
+            stderr
+                .to_lowercase()
+                .contains(&format!("precision {precision}")),
+            "{stderr}"
+        );
+        let rows = csv_rows(&dir.path().join("runs").join(run));
+        let loss: f64 = rows[1][1].parse().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{run}: {loss}");
+    }
+    // CUDA asked for on a machine without it is a clear error, not a silent CPU run.
+    if !tch::Cuda::is_available() {
+        let out = common::trainer()
+            .current_dir(dir.path())
+            .args(["fit", "--device", "cuda", "--data", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = fail(out);
+        assert!(stderr.contains("CUDA is not available"), "{stderr}");
+    }
+}

@@ -9,7 +9,7 @@
 //! OpenCV, the colour operations treat channel 0 as red.
 
 use rand::{Rng, RngCore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Which augmentations `fit` applies to training batches.
 #[derive(
@@ -26,27 +26,6 @@ pub enum Augment {
 /// uint8 NHWC -> float NCHW in [0, 1].
 pub fn to_input(pixels: &Tensor) -> Tensor {
     pixels.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0
-}
-
-fn per_image(values: Vec<f32>, device: Device) -> Tensor {
-    let n = values.len() as i64;
-    Tensor::from_slice(&values)
-        .view([n, 1, 1, 1])
-        .to_device(device)
-}
-
-/// The images (indices) an operation of probability `p` applies to.
-fn chosen(rng: &mut impl RngCore, n: usize, p: f64) -> Vec<i64> {
-    (0..n as i64).filter(|_| rng.gen_bool(p)).collect()
-}
-
-/// `x` with `f` applied to the images `which` only (the others are not computed at all).
-fn apply_to(x: &Tensor, which: &[i64], f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
-    if which.is_empty() {
-        return x.shallow_clone();
-    }
-    let idx = Tensor::from_slice(which).to_device(x.device());
-    x.index_copy(0, &idx, &f(&x.index_select(0, &idx)))
 }
 
 /// Draws a `RandomResizedCrop` box as albumentations does: up to 10 tries of an area in
@@ -97,125 +76,125 @@ fn hsv_to_rgb(h: &Tensor, s: &Tensor, v: &Tensor) -> Tensor {
     Tensor::stack(&[channel(5.0), channel(3.0), channel(1.0)], 1)
 }
 
-/// One training batch: uint8 NHWC on the device -> augmented float NCHW in [0, 1].
-pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor {
+/// Random parameters per image, drawn on the host: 0/1 gray, h-flip, v-flip; gamma; brightness
+/// shift; 0/1 HSV and its hue, saturation, value shifts; the 2x3 sampling matrix of
+/// shift-scale-rotate composed with the random resized crop.
+pub const PARAMS: usize = 15;
+
+/// Draws the parameters of `n` images (row-major `n x PARAMS`) for images of `size` pixels.
+/// A whole epoch's parameters are drawn at once and copied to the device in one transfer, so no
+/// training step waits on the host.
+pub fn draw_params(rng: &mut impl RngCore, n: usize, size: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * PARAMS);
+    for _ in 0..n {
+        let flag = |rng: &mut dyn RngCore, p: f64| if rng.gen_bool(p) { 1.0f32 } else { 0.0 };
+        let gray = flag(rng, 0.5);
+        let hflip = flag(rng, 0.5);
+        let vflip = flag(rng, 0.2);
+        let gamma = if rng.gen_bool(0.5) {
+            rng.gen_range(0.8..1.2f32)
+        } else {
+            1.0
+        };
+        let beta = if rng.gen_bool(0.5) {
+            rng.gen_range(-0.2..0.2f32)
+        } else {
+            0.0
+        };
+        let hsv = flag(rng, 0.5);
+        let dh = rng.gen_range(-5.0..5.0f32) / 180.0;
+        let ds = rng.gen_range(-20.0..20.0f32) / 255.0;
+        let dv = rng.gen_range(-10.0..10.0f32) / 255.0;
+        out.extend_from_slice(&[gray, hflip, vflip, gamma, beta, hsv, dh, ds, dv]);
+        out.extend_from_slice(&sampling_matrix(rng, size));
+    }
+    out
+}
+
+/// ShiftScaleRotate (p=0.5) then RandomResizedCrop (p=1) as one `affine_grid` matrix.
+fn sampling_matrix(rng: &mut impl RngCore, s: usize) -> [f32; 6] {
+    let on = rng.gen_bool(0.5);
+    let dx = rng.gen_range(-0.0625..0.0625f64);
+    let dy = rng.gen_range(-0.0625..0.0625f64);
+    let scale = rng.gen_range(0.9..1.1f64);
+    let angle = rng.gen_range(-90.0..90.0f64).to_radians();
+    let (dx, dy, scale, angle) = if on {
+        (dx, dy, scale, angle)
+    } else {
+        (0.0, 0.0, 1.0, 0.0)
+    };
+    let (x0, y0, w, h) = crop_box(rng, s);
+    // Crop: output u in [-1, 1] -> point c + u * half in the SSR output (normalised coordinates).
+    let sf = s as f64;
+    let (cx, cy) = (
+        (x0 + w / 2.0) / sf * 2.0 - 1.0,
+        (y0 + h / 2.0) / sf * 2.0 - 1.0,
+    );
+    let (hx, hy) = (w / sf, h / sf);
+    // SSR maps source p to scale * R(angle) p + t; its inverse is p = R(-angle) (q - t) / scale.
+    let (tx, ty) = (2.0 * dx, 2.0 * dy);
+    let (cos, sin) = (angle.cos() / scale, angle.sin() / scale);
+    let (qx, qy) = (cx - tx, cy - ty);
+    [
+        (cos * hx) as f32,
+        (-sin * hy) as f32,
+        (cos * qx - sin * qy) as f32,
+        (sin * hx) as f32,
+        (cos * hy) as f32,
+        (sin * qx + cos * qy) as f32,
+    ]
+}
+
+/// One training batch: uint8 NHWC on the device and its `n x PARAMS` parameters (same device)
+/// -> augmented float NCHW in [0, 1]. Everything is batched tensor arithmetic: no host round trip.
+pub fn apply(pixels: &Tensor, params: &Tensor) -> Tensor {
     let x = to_input(pixels);
+    let size = pixels.size();
+    let (n, s) = (size[0], size[1]);
+    let col = |i: i64| params.select(1, i).view([n, 1, 1, 1]);
+    let flag = |i: i64| col(i).gt(0.5);
+    // ToGray (albumentations' RGB weights applied to channels 0, 1, 2).
+    let gray = (x.select(1, 0) * 0.299 + x.select(1, 1) * 0.587 + x.select(1, 2) * 0.114)
+        .unsqueeze(1)
+        .expand([-1, 3, -1, -1], false);
+    let x = gray.where_self(&flag(0), &x);
+    // Flips.
+    let x = x.flip([3]).where_self(&flag(1), &x);
+    let x = x.flip([2]).where_self(&flag(2), &x);
+    // RandomGamma (exponent 1 when off), RandomBrightness (shift 0 when off).
+    let x = x.clamp_min(0.0).pow(&col(3));
+    let x = (x + col(4)).clamp(0.0, 1.0);
+    // HueSaturationValue in OpenCV 8-bit units (hue of 180, sat and val of 255).
+    let (h, sa, va) = rgb_to_hsv(&x);
+    let shift = |i: i64| params.select(1, i).view([n, 1, 1]);
+    let h = (h + shift(6)).remainder(1.0);
+    let sa = (sa + shift(7)).clamp(0.0, 1.0);
+    let va = (va + shift(8)).clamp(0.0, 1.0);
+    let x = hsv_to_rgb(&h, &sa, &va).where_self(&flag(5), &x);
+    // Shift-scale-rotate + random resized crop in one bilinear resampling with reflect-101 border.
+    let theta = params.narrow(1, 9, 6).view([n, 2, 3]).to_kind(x.kind());
+    let grid = Tensor::affine_grid_generator(&theta, [n, 3, s, s], true);
+    Tensor::grid_sampler(&x, &grid, 0, 2, true).clamp(0.0, 1.0)
+}
+
+/// One training batch with parameters drawn from `rng` (see [`draw_params`] and [`apply`]).
+pub fn augment(pixels: &Tensor, mode: Augment, rng: &mut impl RngCore) -> Tensor {
     if mode == Augment::None {
-        return x;
+        return to_input(pixels);
     }
     let size = pixels.size();
     let (n, s) = (size[0] as usize, size[1] as usize);
-    let dev = x.device();
-
-    // ToGray (albumentations' RGB weights applied to channels 0, 1, 2).
-    let x = apply_to(&x, &chosen(rng, n, 0.5), |t| {
-        (t.select(1, 0) * 0.299 + t.select(1, 1) * 0.587 + t.select(1, 2) * 0.114)
-            .unsqueeze(1)
-            .expand([-1, 3, -1, -1], false)
-    });
-    // Flips.
-    let x = apply_to(&x, &chosen(rng, n, 0.5), |t| t.flip([3]));
-    let x = apply_to(&x, &chosen(rng, n, 0.2), |t| t.flip([2]));
-    // RandomGamma: x ** gamma, gamma in [0.8, 1.2].
-    let mut gammas = Vec::new();
-    let mut which = Vec::new();
-    for i in 0..n {
-        let on = rng.gen_bool(0.5);
-        let g = rng.gen_range(0.8..1.2f32);
-        if on {
-            which.push(i as i64);
-            gammas.push(g);
-        }
-    }
-    let x = apply_to(&x, &which, |t| {
-        t.clamp_min(0.0).pow(&per_image(gammas, dev))
-    });
-    // RandomBrightness: x + beta (beta in units of the maximum value).
-    let betas: Vec<f32> = (0..n)
-        .map(|_| {
-            let on = rng.gen_bool(0.5);
-            let b = rng.gen_range(-0.2..0.2f32);
-            if on {
-                b
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let x = (x + per_image(betas, dev)).clamp(0.0, 1.0);
-    // HueSaturationValue: OpenCV 8-bit units (hue of 180, sat and val of 255); computed only for
-    // the images it applies to.
-    let mut hsv_images: Vec<i64> = Vec::new();
-    let (mut hue, mut sat, mut val) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..n {
-        let on = rng.gen_bool(0.5);
-        let (dh, ds, dv) = (
-            rng.gen_range(-5.0..5.0f32) / 180.0,
-            rng.gen_range(-20.0..20.0f32) / 255.0,
-            rng.gen_range(-10.0..10.0f32) / 255.0,
-        );
-        if on {
-            hsv_images.push(i as i64);
-            hue.push(dh);
-            sat.push(ds);
-            val.push(dv);
-        }
-    }
-    let x = apply_to(&x, &hsv_images, |t| {
-        let squeeze = |v: Vec<f32>| per_image(v, dev).squeeze_dim(1);
-        let (h, sa, va) = rgb_to_hsv(t);
-        let h = (h + squeeze(hue)).remainder(1.0);
-        let sa = (sa + squeeze(sat)).clamp(0.0, 1.0);
-        let va = (va + squeeze(val)).clamp(0.0, 1.0);
-        hsv_to_rgb(&h, &sa, &va)
-    });
-    // ShiftScaleRotate (p=0.5) then RandomResizedCrop (p=1), composed into one resampling.
-    let mut theta = Vec::with_capacity(n * 6);
-    for _ in 0..n {
-        let on = rng.gen_bool(0.5);
-        let dx = rng.gen_range(-0.0625..0.0625f64);
-        let dy = rng.gen_range(-0.0625..0.0625f64);
-        let scale = rng.gen_range(0.9..1.1f64);
-        let angle = rng.gen_range(-90.0..90.0f64).to_radians();
-        let (dx, dy, scale, angle) = if on {
-            (dx, dy, scale, angle)
-        } else {
-            (0.0, 0.0, 1.0, 0.0)
-        };
-        let (x0, y0, w, h) = crop_box(rng, s);
-        // Crop: output u in [-1, 1] -> point c + u * half in the SSR output (normalised coords).
-        let sf = s as f64;
-        let (cx, cy) = (
-            (x0 + w / 2.0) / sf * 2.0 - 1.0,
-            (y0 + h / 2.0) / sf * 2.0 - 1.0,
-        );
-        let (hx, hy) = (w / sf, h / sf);
-        // SSR maps source p to scale * R(angle) p + t; invert it: p = R(-angle) (q - t) / scale.
-        let (tx, ty) = (2.0 * dx, 2.0 * dy);
-        let (cos, sin) = (angle.cos() / scale, angle.sin() / scale);
-        // inverse rotation [[cos, -sin], [sin, cos]] / scale applied to (c + u*half - t)
-        let (qx, qy) = (cx - tx, cy - ty);
-        theta.extend_from_slice(&[
-            (cos * hx) as f32,
-            (-sin * hy) as f32,
-            (cos * qx - sin * qy) as f32,
-            (sin * hx) as f32,
-            (cos * hy) as f32,
-            (sin * qx + cos * qy) as f32,
-        ]);
-    }
-    let theta = Tensor::from_slice(&theta)
-        .view([n as i64, 2, 3])
-        .to_device(dev);
-    let grid = Tensor::affine_grid_generator(&theta, [n as i64, 3, s as i64, s as i64], true);
-    // Bilinear, reflection about the edge pixels' centres (OpenCV's BORDER_REFLECT_101).
-    Tensor::grid_sampler(&x, &grid, 0, 2, true).clamp(0.0, 1.0)
+    let params = Tensor::from_slice(&draw_params(rng, n, s))
+        .view([n as i64, PARAMS as i64])
+        .to_device(pixels.device());
+    apply(pixels, &params)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use tch::Device;
 
     fn batch() -> Tensor {
         Tensor::randint(256, [6, 32, 32, 3], (Kind::Uint8, Device::Cpu))

@@ -11,6 +11,9 @@ pub const EPSILON: f64 = 1e-7;
 pub struct Adam {
     pub lr: f64,
     pub step: i64,
+    /// Update all parameters with multi-tensor (`_foreach_*`) kernels instead of one small
+    /// kernel chain per parameter.
+    pub fused: bool,
     params: Vec<(String, Tensor)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -29,6 +32,7 @@ impl Adam {
         Adam {
             lr,
             step: 0,
+            fused: true,
             params,
             m,
             v,
@@ -46,18 +50,51 @@ impl Adam {
         self.step += 1;
         let t = self.step as f64;
         let lr_t = self.lr * (1.0 - BETA2.powf(t)).sqrt() / (1.0 - BETA1.powf(t));
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        if self.fused && grads.iter().all(Tensor::defined) {
+            fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+                v.iter().collect()
+            }
+            let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+            super::amp::foreach_adam(
+                &refs(&params),
+                &refs(&grads),
+                &refs(&self.m),
+                &refs(&self.v),
+                BETA1,
+                BETA2,
+                EPSILON,
+                lr_t,
+            )
+            .expect("multi-tensor Adam on tensors of one device and type");
+            return;
+        }
         tch::no_grad(|| {
-            for (((_, p), m), v) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
-                let g = p.grad();
+            for ((((_, p), g), m), v) in self
+                .params
+                .iter_mut()
+                .zip(&grads)
+                .zip(&mut self.m)
+                .zip(&mut self.v)
+            {
                 if !g.defined() {
                     continue;
                 }
-                let _ = m.lerp_(&g, 1.0 - BETA1);
-                let _ = v.g_mul_scalar_(BETA2).addcmul_(&g, &(&g * (1.0 - BETA2)));
+                let _ = m.lerp_(g, 1.0 - BETA1);
+                let _ = v.g_mul_scalar_(BETA2).addcmul_(g, &(g * (1.0 - BETA2)));
                 let update = &*m / (v.sqrt() + EPSILON) * lr_t;
                 let _ = p.g_sub_(&update);
             }
         });
+    }
+
+    /// The gradients of the parameters (for loss-scale unscaling and finiteness checks).
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .collect()
     }
 
     /// The moments, named `adam.m.<param>` and `adam.v.<param>`, for a checkpoint.
@@ -105,6 +142,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[2], nn::Init::Const(1.0));
         let mut opt = Adam::new(&vs, 0.1);
+        opt.fused = false;
         // loss = 3 * w0 + w1^2 -> grad (3, 2 w1)
         for _ in 0..2 {
             opt.zero_grad();
@@ -117,5 +155,52 @@ mod tests {
         assert!((got[0] - 0.8).abs() < 1e-5, "{got:?}");
         // w1's gradient shrinks as it moves, so it moves by 0.1 then by a bit less.
         assert!(got[1] < 0.9 && got[1] > 0.79, "{got:?}");
+    }
+
+    #[test]
+    fn fused_and_plain_give_the_same_weights_after_three_steps() {
+        use crate::model::efficientnet::{Tagger, TaggerConfig};
+        // The B0 tagger's parameters; each step's gradients are fixed random tensors (the loss
+        // sum(p * r) has gradient r), so the two optimizers see the same gradients.
+        let init = nn::VarStore::new(Device::Cpu);
+        let _ = Tagger::new(&init.root(), TaggerConfig::default());
+        let vars = init.variables();
+        let mut keys: Vec<&String> = vars.keys().filter(|k| vars[*k].requires_grad()).collect();
+        keys.sort();
+        let grads: Vec<Vec<Tensor>> = (0..3)
+            .map(|_| {
+                keys.iter()
+                    .map(|k| Tensor::randn_like(&vars[*k]) * 0.01)
+                    .collect()
+            })
+            .collect();
+        let run = |fused: bool| {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let _ = Tagger::new(&vs.root(), TaggerConfig::default());
+            vs.copy(&init).unwrap();
+            let mut opt = Adam::new(&vs, 1e-3);
+            opt.fused = fused;
+            let v = vs.variables();
+            for step in &grads {
+                opt.zero_grad();
+                let loss = keys
+                    .iter()
+                    .zip(step)
+                    .map(|(k, r)| (&v[*k] * r).sum(Kind::Float))
+                    .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
+                loss.backward();
+                opt.step();
+            }
+            vs
+        };
+        let (a, b) = (run(true), run(false));
+        let (va, vb) = (a.variables(), b.variables());
+        let mut moved = 0.0f64;
+        for (name, t) in &va {
+            let diff = (t - &vb[name]).abs().max().double_value(&[]);
+            assert!(diff <= 1e-6, "{name}: {diff}");
+            moved = moved.max((t - &vars[name]).abs().max().double_value(&[]));
+        }
+        assert!(moved > 1e-3, "the steps moved the weights ({moved})");
     }
 }

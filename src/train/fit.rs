@@ -13,6 +13,7 @@ use tch::nn::ModuleT;
 use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::adam::Adam;
+use super::amp::{self, Precision};
 use crate::data::augment::{self, Augment};
 use crate::data::dataset::{self, ImageCache};
 use crate::data::split::split_indices;
@@ -39,6 +40,16 @@ pub struct FitSettings {
     pub epochs: usize,
     pub drop_connect: f64,
     pub init: Option<PathBuf>,
+    /// Forward-pass precision (bf16 or fp16 autocast, or fp32).
+    #[serde(default = "fp32")]
+    pub precision: Precision,
+    /// Activations and convolution kernels in channels-last memory order.
+    #[serde(default)]
+    pub channels_last: bool,
+}
+
+fn fp32() -> Precision {
+    Precision::Fp32
 }
 
 /// What a run ended with.
@@ -297,6 +308,19 @@ pub fn fit(
         );
     }
 
+    if settings.channels_last {
+        amp::vars_to_channels_last(&vs);
+    }
+    eprintln!(
+        "precision {:?}, {}",
+        settings.precision,
+        if settings.channels_last {
+            "channels-last"
+        } else {
+            "contiguous (NCHW)"
+        }
+    );
+
     // Results CSV: on resume keep the rows up to the checkpoint's epoch.
     let csv_path = run_dir.join(RESULTS);
     let header = csv_header(&labels);
@@ -325,6 +349,7 @@ pub fn fit(
     let pixels = cache.pixels.to_device(device);
     let targets = cache.targets.to_device(device);
     let bs = settings.batch_size.max(1);
+    let mut scaler = amp::LossScaler::default();
     let steps = train_idx.len().div_ceil(bs);
     let mut summary = FitSummary {
         run_dir: run_dir.to_path_buf(),
@@ -338,44 +363,79 @@ pub fn fit(
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut order = train_idx.clone();
         order.shuffle(&mut rng);
+        // The epoch's order and augmentation parameters go to the device in one transfer each;
+        // the steps then only slice them, and the loss accumulates on the device.
+        let order_t = Tensor::from_slice(&order).to_device(device);
+        let params = (settings.augment == Augment::Original).then(|| {
+            let p = augment::draw_params(&mut rng, order.len(), settings.image_size);
+            Tensor::from_slice(&p)
+                .view([order.len() as i64, augment::PARAMS as i64])
+                .to_device(device)
+        });
         let bar = progress::bar(steps as u64, "steps");
         bar.set_prefix(format!("epoch {epoch}/{}", settings.epochs));
         let t0 = Instant::now();
-        let mut loss_sum = 0.0;
+        let loss_acc = Tensor::zeros([], (Kind::Float, device));
         let mut seen = 0usize;
-        for (step, chunk) in order.chunks(bs).enumerate() {
+        let mut last_read = Instant::now();
+        let mut loss_so_far = f64::NAN;
+        for step in 0..steps {
             if progress::interrupted() {
                 bar.finish_and_clear();
                 summary.interrupted = true;
                 return Ok(summary);
             }
-            let ids = Tensor::from_slice(chunk).to_device(device);
-            let x = augment::augment(&pixels.index_select(0, &ids), settings.augment, &mut rng);
+            let start = (step * bs) as i64;
+            let len = bs.min(order.len() - step * bs) as i64;
+            let ids = order_t.narrow(0, start, len);
+            let px = pixels.index_select(0, &ids);
+            let x = match &params {
+                Some(p) => augment::apply(&px, &p.narrow(0, start, len)),
+                None => augment::to_input(&px),
+            };
+            let x = if settings.channels_last {
+                amp::channels_last(&x)
+            } else {
+                x
+            };
             let y = targets.index_select(0, &ids);
-            let logits = net.forward_t(&x, true);
-            let loss =
-                logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                bar.finish_and_clear();
-                bail!(
-                    "epoch {epoch}, step {}: the training loss is {value}; stopping. {} (epoch {}) is kept; a lower --lr may help",
-                    step + 1,
-                    last_path.display(),
-                    epoch - 1
-                );
-            }
+            let logits = amp::autocast(settings.precision, device, || net.forward_t(&x, true));
+            let loss = logits
+                .to_kind(Kind::Float)
+                .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
             adam.zero_grad();
-            loss.backward();
-            adam.step();
-            loss_sum += value * chunk.len() as f64;
-            seen += chunk.len();
+            if settings.precision == Precision::Fp16 {
+                scaler.backward_and_step(&loss, &mut adam)?;
+            } else {
+                loss.backward();
+                adam.step();
+            }
+            tch::no_grad(|| {
+                let _ = loss_acc
+                    .shallow_clone()
+                    .g_add_(&(loss.detach() * len as f64));
+            });
+            seen += len as usize;
             bar.inc(1);
-            bar.set_message(format!("loss {:.4}", loss_sum / seen as f64));
+            // Read the loss back (a device sync) about twice a second, and at the end.
+            if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == steps {
+                last_read = Instant::now();
+                loss_so_far = loss_acc.double_value(&[]) / seen as f64;
+                if !loss_so_far.is_finite() {
+                    bar.finish_and_clear();
+                    bail!(
+                        "epoch {epoch}, by step {}: the training loss is {loss_so_far}; stopping. {} (epoch {}) is kept; a lower --lr may help",
+                        step + 1,
+                        last_path.display(),
+                        epoch - 1
+                    );
+                }
+                bar.set_message(format!("loss {loss_so_far:.4}"));
+            }
         }
         bar.finish_and_clear();
         let train_time = t0.elapsed().as_secs_f64();
-        let train_loss = loss_sum / seen as f64;
+        let train_loss = loss_so_far;
 
         let validation = (!val_idx.is_empty()).then(|| {
             let (probs, loss) = evaluate(&net, &cache, &val_idx, bs * 2, device);

@@ -1,4 +1,5 @@
 //! `trainer fit`: the training loop, its optimizer and its run folder.
 
 pub mod adam;
+pub mod amp;
 pub mod fit;

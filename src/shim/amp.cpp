@@ -1,0 +1,80 @@
+// What tch does not bind: autocast with a chosen dtype (bf16 or fp16) on CPU or CUDA, and the
+// multi-tensor (_foreach_*) ops for a Keras-style Adam step. Compiled against the headers of the
+// torch wheel that provides libtorch (see build.rs); plain C entry points for Rust.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+at::DeviceType device_type(int device) { return device == 1 ? at::kCUDA : at::kCPU; }
+
+void copy_error(const std::exception& e, char* err, int len) {
+  if (len > 0) {
+    std::strncpy(err, e.what(), static_cast<size_t>(len - 1));
+    err[len - 1] = '\0';
+  }
+}
+
+std::vector<at::Tensor> list(at::Tensor** ptrs, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) out.push_back(*ptrs[i]);
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+// Enters autocast on `device` (0 cpu, 1 cuda) with `dtype` (0 float16, 1 bfloat16). Returns the
+// previous enabled state, to give back to trainer_autocast_exit.
+int trainer_autocast_enter(int device, int dtype) {
+  const auto dt = device_type(device);
+  const bool prev = at::autocast::is_autocast_enabled(dt);
+  at::autocast::set_autocast_dtype(dt, dtype == 1 ? at::kBFloat16 : at::kHalf);
+  at::autocast::set_autocast_enabled(dt, true);
+  at::autocast::increment_nesting();
+  return prev ? 1 : 0;
+}
+
+void trainer_autocast_exit(int device, int prev) {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_type(device), prev != 0);
+}
+
+// One Adam step as Keras computes it, over lists of tensors with multi-tensor kernels:
+//   m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2; p -= lr_t m / (sqrt(v) + eps).
+// Returns 0, or 1 with a message in err.
+int trainer_foreach_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** m, at::Tensor** v, int n,
+                         double beta1, double beta2, double eps, double lr_t, char* err, int errlen) {
+  try {
+    at::NoGradGuard no_grad;
+    auto P = list(params, n), G = list(grads, n), M = list(m, n), V = list(v, n);
+    at::_foreach_lerp_(M, G, 1.0 - beta1);
+    at::_foreach_mul_(V, beta2);
+    at::_foreach_addcmul_(V, G, G, 1.0 - beta2);
+    auto denom = at::_foreach_sqrt(V);
+    at::_foreach_add_(denom, eps);
+    at::_foreach_addcdiv_(P, M, denom, -lr_t);
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
+// Multiplies every tensor of a list by `factor` in place (gradient unscaling for fp16).
+int trainer_foreach_mul(at::Tensor** tensors, int n, double factor, char* err, int errlen) {
+  try {
+    at::NoGradGuard no_grad;
+    auto T = list(tensors, n);
+    at::_foreach_mul_(T, factor);
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+}

@@ -1,0 +1,267 @@
+//! Speed paths of training, through a small C++ shim (src/shim/amp.cpp) for what tch does not
+//! bind: autocast in bf16 or fp16 on CPU or CUDA, channels-last memory format, and multi-tensor
+//! (`_foreach_*`) Adam. Each has a plain fallback and is checked against it by the tests.
+
+use std::ffi::{c_char, c_double, c_int, CStr};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Device, Tensor};
+
+extern "C" {
+    fn trainer_autocast_enter(device: c_int, dtype: c_int) -> c_int;
+    fn trainer_autocast_exit(device: c_int, prev: c_int);
+    fn trainer_foreach_adam(
+        params: *const *const CTensorPtr,
+        grads: *const *const CTensorPtr,
+        m: *const *const CTensorPtr,
+        v: *const *const CTensorPtr,
+        n: c_int,
+        beta1: c_double,
+        beta2: c_double,
+        eps: c_double,
+        lr_t: c_double,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn trainer_foreach_mul(
+        tensors: *const *const CTensorPtr,
+        n: c_int,
+        factor: c_double,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+}
+
+/// The opaque libtorch tensor behind a tch `Tensor` (an `at::Tensor`).
+type CTensorPtr = torch_sys::C_tensor;
+
+/// Arithmetic precision of the training forward pass (batch-norm statistics and the loss stay in
+/// fp32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    /// bf16 on CUDA, fp32 on CPU.
+    pub fn default_for(device: Device) -> Self {
+        if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+}
+
+/// Runs `f` under autocast in `precision` on `device`'s type (nothing to do for fp32).
+pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> T {
+    let dtype = match precision {
+        Precision::Fp32 => return f(),
+        Precision::Fp16 => 0,
+        Precision::Bf16 => 1,
+    };
+    let dev = if device.is_cuda() { 1 } else { 0 };
+    // SAFETY: plain calls into libtorch's thread-local autocast state, balanced below.
+    let prev = unsafe { trainer_autocast_enter(dev, dtype) };
+    let out = f();
+    unsafe { trainer_autocast_exit(dev, prev) };
+    out
+}
+
+/// The same values in channels-last (NHWC) memory order, still indexed as NCHW.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    if t.dim() != 4 {
+        return t.shallow_clone();
+    }
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Moves every 4-D variable (convolution kernels) of a VarStore to channels-last in place.
+pub fn vars_to_channels_last(vs: &VarStore) {
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                let cl = channels_last(&v);
+                v.set_data(&cl);
+            }
+        }
+    });
+}
+
+fn ptrs(ts: &[&Tensor]) -> Vec<*const CTensorPtr> {
+    ts.iter().map(|t| t.as_ptr()).collect()
+}
+
+fn check(rc: c_int, err: &[c_char]) -> Result<()> {
+    if rc != 0 {
+        // SAFETY: the shim wrote a NUL-terminated message into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        bail!("multi-tensor op failed: {msg}");
+    }
+    Ok(())
+}
+
+/// One Keras-style Adam step over whole lists (`_foreach_*` kernels: a few launches in all
+/// instead of several per parameter).
+#[allow(clippy::too_many_arguments)]
+pub fn foreach_adam(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    m: &[&Tensor],
+    v: &[&Tensor],
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    lr_t: f64,
+) -> Result<()> {
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n);
+    let (p, g, mm, vv) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v));
+    let mut err = [0 as c_char; 512];
+    // SAFETY: four arrays of `n` live tensor pointers; the shim copies the handles.
+    let rc = unsafe {
+        trainer_foreach_adam(
+            p.as_ptr(),
+            g.as_ptr(),
+            mm.as_ptr(),
+            vv.as_ptr(),
+            n as c_int,
+            beta1,
+            beta2,
+            eps,
+            lr_t,
+            err.as_mut_ptr(),
+            err.len() as c_int,
+        )
+    };
+    check(rc, &err)
+}
+
+/// Multiplies every tensor of the list by `factor`, in place.
+pub fn foreach_mul(tensors: &[&Tensor], factor: f64) -> Result<()> {
+    let p = ptrs(tensors);
+    let mut err = [0 as c_char; 512];
+    // SAFETY: an array of live tensor pointers.
+    let rc = unsafe {
+        trainer_foreach_mul(
+            p.as_ptr(),
+            p.len() as c_int,
+            factor,
+            err.as_mut_ptr(),
+            err.len() as c_int,
+        )
+    };
+    check(rc, &err)
+}
+
+/// Dynamic loss scaling for fp16: the loss is multiplied by `scale` before backward, gradients are
+/// unscaled before the step; a step with non-finite gradients is skipped and the scale halved,
+/// and the scale doubles after 2000 good steps (as PyTorch's GradScaler).
+pub struct LossScaler {
+    pub scale: f64,
+    good_steps: u32,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    pub fn backward_and_step(&mut self, loss: &Tensor, adam: &mut super::adam::Adam) -> Result<()> {
+        (loss * self.scale).backward();
+        let grads = adam.grads();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        foreach_mul(&refs, 1.0 / self.scale)?;
+        let finite = Tensor::stack(
+            &grads.iter().map(|g| g.isfinite().all()).collect::<Vec<_>>(),
+            0,
+        )
+        .all()
+        .int64_value(&[])
+            != 0;
+        if finite {
+            adam.step();
+            self.good_steps += 1;
+            if self.good_steps >= 2000 {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::ModuleT;
+    use tch::{nn, Kind, Reduction};
+
+    use crate::model::efficientnet::{Tagger, TaggerConfig};
+
+    #[test]
+    fn channels_last_gives_the_same_outputs() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Tagger::new(&vs.root(), TaggerConfig::default());
+        let x = Tensor::rand([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let a = tch::no_grad(|| net.forward_t(&x, false));
+        vars_to_channels_last(&vs);
+        let w = &vs.variables()["stem_conv.weight"];
+        assert!(!w.is_contiguous(), "conv kernels are channels-last");
+        let b = tch::no_grad(|| net.forward_t(&channels_last(&x), false));
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn bf16_and_fp32_steps_give_close_losses() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Tagger::new(&vs.root(), TaggerConfig::default());
+        let x = Tensor::rand([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let y = Tensor::rand([4, 11], (Kind::Float, Device::Cpu)).round();
+        let loss = |p: Precision| {
+            let logits = autocast(p, Device::Cpu, || net.forward_t(&x, false));
+            logits
+                .to_kind(Kind::Float)
+                .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean)
+                .double_value(&[])
+        };
+        let (full, half) = (loss(Precision::Fp32), loss(Precision::Bf16));
+        let logits_kind =
+            autocast(Precision::Bf16, Device::Cpu, || net.forward_t(&x, false)).kind();
+        assert_eq!(logits_kind, Kind::BFloat16, "autocast is active");
+        assert!((full - half).abs() < 1e-2, "fp32 {full} vs bf16 {half}");
+        // Gradients flow in bf16 too.
+        let logits = autocast(Precision::Bf16, Device::Cpu, || net.forward_t(&x, true));
+        let l = logits
+            .to_kind(Kind::Float)
+            .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
+        l.backward();
+        assert!(vs.variables()["stem_conv.weight"].grad().defined());
+    }
+
+    #[test]
+    fn foreach_mul_scales_every_tensor() {
+        let a = Tensor::ones([3], (Kind::Float, Device::Cpu));
+        let b = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+        foreach_mul(&[&a, &b], 0.5).unwrap();
+        assert_eq!(a.sum(Kind::Float).double_value(&[]), 1.5);
+        assert_eq!(b.sum(Kind::Float).double_value(&[]), 2.0);
+    }
+}
