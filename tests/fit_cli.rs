@@ -416,3 +416,72 @@ fn fast_paths_run_on_a_cpu_only_machine() {
         assert!(stderr.contains("CUDA is not available"), "{stderr}");
     }
 }
+
+#[test]
+fn ctrl_c_keeps_a_resumable_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data();
+    let child = common::trainer()
+        .current_dir(dir.path())
+        .args([
+            "fit",
+            "--device",
+            "cpu",
+            "--data",
+            data.to_str().unwrap(),
+            "--image-size",
+            "48",
+            "--batch-size",
+            "6",
+            "--epochs",
+            "200",
+            "--run",
+            "stop",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let csv = dir.path().join("runs/stop/results.csv");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&csv)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(start.elapsed().as_secs() < 120, "no epoch finished");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("trainer fit --resume runs/stop"),
+        "{stderr}"
+    );
+    let rows = csv_rows(&dir.path().join("runs/stop"));
+    let last =
+        trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs/stop/last.ckpt"))
+            .unwrap();
+    assert_eq!(
+        last.meta.epoch,
+        rows.len() - 1,
+        "last.ckpt holds the last epoch of the CSV"
+    );
+    assert!(std::fs::read_dir(dir.path().join("runs/stop"))
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+    let next = (last.meta.epoch + 1).to_string();
+    ok(fit(
+        dir.path(),
+        &["--resume", "runs/stop", "--epochs", &next],
+    ));
+    assert_eq!(
+        csv_rows(&dir.path().join("runs/stop")).len(),
+        last.meta.epoch + 2
+    );
+}

@@ -372,7 +372,7 @@ pub fn fit(
                 .view([order.len() as i64, augment::PARAMS as i64])
                 .to_device(device)
         });
-        let bar = progress::bar(steps as u64, "steps");
+        let bar = progress::bar(order.len() as u64, "images");
         bar.set_prefix(format!("epoch {epoch}/{}", settings.epochs));
         let t0 = Instant::now();
         let loss_acc = Tensor::zeros([], (Kind::Float, device));
@@ -416,7 +416,7 @@ pub fn fit(
                     .g_add_(&(loss.detach() * len as f64));
             });
             seen += len as usize;
-            bar.inc(1);
+            bar.inc(len as u64);
             // Read the loss back (a device sync) about twice a second, and at the end.
             if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == steps {
                 last_read = Instant::now();
