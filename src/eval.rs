@@ -430,21 +430,13 @@ fn write_review(
                 kind,
                 row[l],
                 loss,
-                csv_field(&cache.samples[i].path.display().to_string()),
+                crate::fsutil::csv_field(&cache.samples[i].path.display().to_string()),
                 truth.join(";"),
                 predicted.join(";")
             );
         }
     }
     write_atomic(path, out.as_bytes())
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
 }
 
 /// The table `eval` prints.

@@ -296,18 +296,10 @@ impl Log {
     }
 
     fn row(&self, fields: &[&str]) {
-        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        let line: Vec<String> = fields.iter().map(|f| crate::fsutil::csv_field(f)).collect();
         let mut f = self.0.lock().expect("log");
         let _ = writeln!(f, "{}", line.join(","));
         let _ = f.flush();
-    }
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
     }
 }
 

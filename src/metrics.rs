@@ -102,35 +102,15 @@ pub fn bce(probs: &[f32], targets: &[f32]) -> f64 {
 /// distinct score thresholds, from high to low, of (recall gain) × precision. `None` when the
 /// label has no positive.
 pub fn average_precision(scores: &[f32], truth: &[bool]) -> Option<f64> {
-    let positives = truth.iter().filter(|t| **t).count();
-    if positives == 0 {
+    if !truth.iter().any(|t| *t) {
         return None;
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let (mut tp, mut fp, mut ap, mut prev_recall) = (0usize, 0usize, 0.0, 0.0);
-    let mut i = 0;
-    while i < order.len() {
-        // All items tied at this score enter together.
-        let s = scores[order[i]];
-        while i < order.len() && scores[order[i]] == s {
-            if truth[order[i]] {
-                tp += 1;
-            } else {
-                fp += 1;
-            }
-            i += 1;
-        }
-        let recall = tp as f64 / positives as f64;
-        let precision = tp as f64 / (tp + fp) as f64;
-        ap += (recall - prev_recall) * precision;
-        prev_recall = recall;
-    }
-    Some(ap)
+    let curve = pr_curve(scores, truth);
+    Some(curve.windows(2).map(|w| (w[1].0 - w[0].0) * w[1].1).sum())
 }
 
 /// The precision-recall curve of one label: (recall, precision) at each distinct threshold, from
-/// the highest score down.
+/// the highest score down (tied scores enter together), after a starting point (0, 1).
 pub fn pr_curve(scores: &[f32], truth: &[bool]) -> Vec<(f64, f64)> {
     let positives = truth.iter().filter(|t| **t).count().max(1);
     let mut order: Vec<usize> = (0..scores.len()).collect();

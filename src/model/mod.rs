@@ -123,8 +123,7 @@ impl LoadedModel {
     }
 }
 
-/// Makes sure a failed load names the file.
+/// Loads a model for `infer` and `eval`; every error names the file.
 pub fn load_for_inference(path: &Path, device: Device) -> Result<LoadedModel> {
-    LoadedModel::load(path, device)
-        .with_context(|| format!("cannot load weights from {}", path.display()))
+    LoadedModel::load(path, device).context("cannot load the weights")
 }
