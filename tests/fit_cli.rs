@@ -485,3 +485,37 @@ fn ctrl_c_keeps_a_resumable_last_checkpoint() {
         last.meta.epoch + 2
     );
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data();
+    let args = [
+        "--data",
+        data.to_str().unwrap(),
+        "--image-size",
+        "48",
+        "--batch-size",
+        "6",
+        "--augment",
+        "none",
+        "--epochs",
+        "3",
+        "--lr",
+        "1e30",
+        "--run",
+        "nan",
+    ];
+    let stderr = fail(fit(dir.path(), &args));
+    assert!(
+        stderr.contains("the training loss is NaN") || stderr.contains("the training loss is inf"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("a lower --lr may help"), "{stderr}");
+    assert!(!dir.path().join("runs/nan/last.ckpt").exists());
+    assert_eq!(
+        csv_rows(&dir.path().join("runs/nan")).len(),
+        1,
+        "no row for a diverged epoch"
+    );
+}

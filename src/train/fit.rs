@@ -312,8 +312,8 @@ pub fn fit(
         amp::vars_to_channels_last(&vs);
     }
     eprintln!(
-        "precision {:?}, {}",
-        settings.precision,
+        "precision {}, {}",
+        format!("{:?}", settings.precision).to_lowercase(),
         if settings.channels_last {
             "channels-last"
         } else {
@@ -423,11 +423,14 @@ pub fn fit(
                 loss_so_far = loss_acc.double_value(&[]) / seen as f64;
                 if !loss_so_far.is_finite() {
                     bar.finish_and_clear();
+                    let kept = if epoch > 1 {
+                        format!("{} (epoch {}) is kept", last_path.display(), epoch - 1)
+                    } else {
+                        "no checkpoint had been written yet".to_string()
+                    };
                     bail!(
-                        "epoch {epoch}, by step {}: the training loss is {loss_so_far}; stopping. {} (epoch {}) is kept; a lower --lr may help",
-                        step + 1,
-                        last_path.display(),
-                        epoch - 1
+                        "epoch {epoch}, by step {}: the training loss is {loss_so_far}; stopping. {kept}; a lower --lr may help",
+                        step + 1
                     );
                 }
                 bar.set_message(format!("loss {loss_so_far:.4}"));
