@@ -145,32 +145,63 @@ fn sampling_matrix(rng: &mut impl RngCore, s: usize) -> [f32; 6] {
     ]
 }
 
+/// `f` applied to the images whose `on` flag is set, the others kept. `f` gets those images and
+/// their parameter rows. On the CPU only the chosen images are computed; on a GPU everything is
+/// computed and blended with `where`, which needs no host round trip.
+fn masked(
+    x: &Tensor,
+    params: &Tensor,
+    on: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Tensor,
+) -> Tensor {
+    if x.device() == tch::Device::Cpu {
+        let idx = on.nonzero().squeeze_dim(1);
+        if idx.size()[0] == 0 {
+            return x.shallow_clone();
+        }
+        return x.index_copy(
+            0,
+            &idx,
+            &f(&x.index_select(0, &idx), &params.index_select(0, &idx)),
+        );
+    }
+    f(x, params).where_self(&on.view([-1, 1, 1, 1]), x)
+}
+
 /// One training batch: uint8 NHWC on the device and its `n x PARAMS` parameters (same device)
-/// -> augmented float NCHW in [0, 1]. Everything is batched tensor arithmetic: no host round trip.
+/// -> augmented float NCHW in [0, 1]. Everything is batched tensor arithmetic.
 pub fn apply(pixels: &Tensor, params: &Tensor) -> Tensor {
     let x = to_input(pixels);
     let size = pixels.size();
     let (n, s) = (size[0], size[1]);
-    let col = |i: i64| params.select(1, i).view([n, 1, 1, 1]);
-    let flag = |i: i64| col(i).gt(0.5);
+    let flag = |i: i64| params.select(1, i).gt(0.5);
+    let per_image = |p: &Tensor, i: i64| {
+        let m = p.size()[0];
+        p.select(1, i).view([m, 1, 1, 1])
+    };
     // ToGray (albumentations' RGB weights applied to channels 0, 1, 2).
-    let gray = (x.select(1, 0) * 0.299 + x.select(1, 1) * 0.587 + x.select(1, 2) * 0.114)
-        .unsqueeze(1)
-        .expand([-1, 3, -1, -1], false);
-    let x = gray.where_self(&flag(0), &x);
+    let x = masked(&x, params, &flag(0), |x, _| {
+        (x.select(1, 0) * 0.299 + x.select(1, 1) * 0.587 + x.select(1, 2) * 0.114)
+            .unsqueeze(1)
+            .expand([-1, 3, -1, -1], false)
+    });
     // Flips.
-    let x = x.flip([3]).where_self(&flag(1), &x);
-    let x = x.flip([2]).where_self(&flag(2), &x);
+    let x = masked(&x, params, &flag(1), |x, _| x.flip([3]));
+    let x = masked(&x, params, &flag(2), |x, _| x.flip([2]));
     // RandomGamma (exponent 1 when off), RandomBrightness (shift 0 when off).
-    let x = x.clamp_min(0.0).pow(&col(3));
-    let x = (x + col(4)).clamp(0.0, 1.0);
+    let x = masked(&x, params, &params.select(1, 3).ne(1.0), |x, p| {
+        x.clamp_min(0.0).pow(&per_image(p, 3))
+    });
+    let x = (x + per_image(params, 4)).clamp(0.0, 1.0);
     // HueSaturationValue in OpenCV 8-bit units (hue of 180, sat and val of 255).
-    let (h, sa, va) = rgb_to_hsv(&x);
-    let shift = |i: i64| params.select(1, i).view([n, 1, 1]);
-    let h = (h + shift(6)).remainder(1.0);
-    let sa = (sa + shift(7)).clamp(0.0, 1.0);
-    let va = (va + shift(8)).clamp(0.0, 1.0);
-    let x = hsv_to_rgb(&h, &sa, &va).where_self(&flag(5), &x);
+    let x = masked(&x, params, &flag(5), |x, p| {
+        let (h, sa, va) = rgb_to_hsv(x);
+        let shift = |i: i64| per_image(p, i).squeeze_dim(1);
+        let h = (h + shift(6)).remainder(1.0);
+        let sa = (sa + shift(7)).clamp(0.0, 1.0);
+        let va = (va + shift(8)).clamp(0.0, 1.0);
+        hsv_to_rgb(&h, &sa, &va)
+    });
     // Shift-scale-rotate + random resized crop in one bilinear resampling with reflect-101 border.
     let theta = params.narrow(1, 9, 6).view([n, 2, 3]).to_kind(x.kind());
     let grid = Tensor::affine_grid_generator(&theta, [n, 3, s, s], true);
