@@ -83,3 +83,16 @@ fn weights_only_file_gives_oracle_probabilities() {
     let diff = max_abs_diff_to_oracle(&probs);
     assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
 }
+
+#[test]
+fn the_inference_model_gives_oracle_probabilities() {
+    // LoadedModel is what `infer` and `eval` use (channels-last, uint8 input).
+    let model =
+        trainer::model::LoadedModel::load(&common::oracle().join("ndl_b0_model.hdf5"), Device::Cpu)
+            .unwrap();
+    let inputs = oracle_inputs();
+    let bytes = Vec::<u8>::try_from(inputs.flatten(0, -1)).unwrap();
+    let probs = model.predict(&bytes, 96);
+    let diff = max_abs_diff_to_oracle(&Tensor::from_slice(&probs).view([96, 11]));
+    assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
+}

@@ -73,6 +73,8 @@ impl LoadedModel {
             );
         }
         let thresholds = vec![DEFAULT_INFER_THRESHOLD; taxonomy.labels.len()];
+        // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
+        crate::train::amp::vars_to_channels_last(&vs);
         Ok(LoadedModel {
             vs,
             net,
@@ -94,6 +96,8 @@ impl LoadedModel {
         };
         let net = Tagger::new(&vs.root(), config);
         ckpt.load_model(&vs, path)?;
+        // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
+        crate::train::amp::vars_to_channels_last(&vs);
         Ok(LoadedModel {
             vs,
             net,
@@ -117,6 +121,7 @@ impl LoadedModel {
             .permute([0, 3, 1, 2])
             .to_kind(Kind::Float)
             / 255.0;
+        let x = crate::train::amp::channels_last(&x);
         let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&self.net, &x, false).sigmoid());
         Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))
             .expect("float probabilities")
