@@ -119,7 +119,8 @@ pub fn scan(root: &Path, folders: &[String]) -> Result<Vec<Sample>> {
             }
         }
     }
-    samples.sort_by(|a, b| a.path.cmp(&b.path));
+    // By the path as a string, as Python's sorted() orders the original's list.
+    samples.sort_by(|a, b| a.path.to_string_lossy().cmp(&b.path.to_string_lossy()));
     Ok(samples)
 }
 
@@ -238,6 +239,28 @@ mod tests {
         let err = open(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("unknown tag folder(s): cats, dogs"), "{err}");
         assert!(err.contains("Known tags: graphic_graph"), "{err}");
+    }
+
+    #[test]
+    fn samples_are_sorted_as_python_sorts_path_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        for (folder, file) in [("a", "x.jpg"), ("a-b", "y.jpg"), ("a", "W.jpg")] {
+            std::fs::create_dir_all(dir.path().join(folder)).unwrap();
+            std::fs::write(dir.path().join(folder).join(file), b"x").unwrap();
+        }
+        let samples = scan(dir.path(), &["a".into(), "a-b".into()]).unwrap();
+        let rel: Vec<String> = samples
+            .iter()
+            .map(|s| {
+                s.path
+                    .strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        // sorted(["a/x.jpg", "a-b/y.jpg", "a/W.jpg"]) == ["a-b/y.jpg", "a/W.jpg", "a/x.jpg"]
+        assert_eq!(rel, ["a-b/y.jpg", "a/W.jpg", "a/x.jpg"]);
     }
 
     #[test]
