@@ -63,7 +63,9 @@ fn probs_from(file: &str) -> (Tensor, keras::ImportReport) {
 fn max_abs_diff_to_oracle(probs: &Tensor) -> f64 {
     let expected = Tensor::read_npy(common::oracle().join("probs.npy")).unwrap();
     assert_eq!(expected.size(), [96, 11]);
-    (probs - expected).abs().max().double_value(&[])
+    let diff = (probs - expected).abs().max().double_value(&[]);
+    eprintln!("max abs difference to probs.npy: {diff:.3e}");
+    diff
 }
 
 #[test]
