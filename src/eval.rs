@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::data::dataset::{self, ImageCache};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{csv_opt, write_atomic};
 use crate::metrics::{self, Counts};
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
 use crate::model::LoadedModel;
@@ -104,8 +104,19 @@ pub fn predict_cache(model: &LoadedModel, cache: &ImageCache, batch: usize) -> V
     out
 }
 
-fn column(v: &[f32], l: usize, n_labels: usize) -> Vec<f32> {
-    v.chunks_exact(n_labels).map(|r| r[l]).collect()
+/// One label's scores and ground truth from row-major probabilities and 0/1 targets.
+fn label_column(
+    probs: &[f32],
+    targets: &[f32],
+    l: usize,
+    n_labels: usize,
+) -> (Vec<f32>, Vec<bool>) {
+    let scores = probs.chunks_exact(n_labels).map(|r| r[l]).collect();
+    let truth = targets
+        .chunks_exact(n_labels)
+        .map(|r| r[l] >= 0.5)
+        .collect();
+    (scores, truth)
 }
 
 /// Metrics of probabilities against targets at the given thresholds.
@@ -120,11 +131,7 @@ pub fn report(
     let counts = metrics::count(probs, targets, n_labels, thresholds);
     let per_label = (0..n_labels)
         .map(|l| {
-            let scores = column(probs, l, n_labels);
-            let truth: Vec<bool> = column(targets, l, n_labels)
-                .iter()
-                .map(|t| *t >= 0.5)
-                .collect();
+            let (scores, truth) = label_column(probs, targets, l, n_labels);
             let c = counts[l];
             LabelReport {
                 label: labels[l].clone(),
@@ -222,11 +229,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
     let curves: Vec<plots::Series> = (0..n_labels)
         .filter(|&l| rep.labels[l].support > 0)
         .map(|l| {
-            let scores = column(&probs, l, n_labels);
-            let truth: Vec<bool> = column(&targets, l, n_labels)
-                .iter()
-                .map(|t| *t >= 0.5)
-                .collect();
+            let (scores, truth) = label_column(&probs, &targets, l, n_labels);
             let ap = rep.labels[l].average_precision.unwrap_or(0.0);
             (
                 format!("{} (AP {ap:.2})", labels[l]),
@@ -271,11 +274,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
     if opts.calibrate {
         let mut new_thresholds = thresholds.clone();
         for l in 0..n_labels {
-            let scores = column(&probs, l, n_labels);
-            let truth: Vec<bool> = column(&targets, l, n_labels)
-                .iter()
-                .map(|t| *t >= 0.5)
-                .collect();
+            let (scores, truth) = label_column(&probs, &targets, l, n_labels);
             if let Some((t, f1)) = metrics::best_threshold(&scores, &truth, thresholds[l]) {
                 new_thresholds[l] = t;
                 rep.calibration.push(Calibration {
@@ -345,10 +344,6 @@ fn save_thresholds(model: &LoadedModel, opts: &EvalOptions, thresholds: &[f32]) 
     Ok(new_path)
 }
 
-fn fmt_opt(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.6}")).unwrap_or_default()
-}
-
 fn eval_csv(rep: &EvalReport) -> String {
     let mut s =
         String::from("label,threshold,precision,recall,f1,support,tp,fp,fn,average_precision\n");
@@ -364,21 +359,19 @@ fn eval_csv(rep: &EvalReport) -> String {
             l.tp,
             l.fp,
             l.fn_,
-            fmt_opt(l.average_precision)
+            csv_opt(l.average_precision)
         );
     }
     s += &format!(
-        ",,,,{:.6},,,,,{}\n",
+        "micro,,,,{:.6},,,,,{}\n",
         rep.micro_f1,
-        fmt_opt(rep.micro_average_precision)
-    )
-    .replacen(",", "micro,", 1);
+        csv_opt(rep.micro_average_precision)
+    );
     s += &format!(
-        ",,,,{},,,,,{}\n",
-        fmt_opt(rep.macro_f1),
-        fmt_opt(rep.macro_average_precision)
-    )
-    .replacen(",", "macro,", 1);
+        "macro,,,,{},,,,,{}\n",
+        csv_opt(rep.macro_f1),
+        csv_opt(rep.macro_average_precision)
+    );
     s
 }
 

@@ -61,6 +61,11 @@ pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
+/// An optional number as a CSV field: 6 decimals, or empty.
+pub fn csv_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.6}")).unwrap_or_default()
+}
+
 /// A CSV field, quoted when it holds a comma, a quote or a newline.
 pub fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {

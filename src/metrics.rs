@@ -145,18 +145,8 @@ pub fn best_threshold(scores: &[f32], truth: &[bool], current: f32) -> Option<(f
     candidates.push(current);
     candidates.sort_by(f32::total_cmp);
     candidates.dedup();
-    let f1_at = |t: f32| {
-        let mut c = Counts::default();
-        for (&p, &y) in scores.iter().zip(truth) {
-            match (p > t, y) {
-                (true, true) => c.tp += 1,
-                (true, false) => c.fp += 1,
-                (false, true) => c.fn_ += 1,
-                (false, false) => c.tn += 1,
-            }
-        }
-        c.f1()
-    };
+    let targets: Vec<f32> = truth.iter().map(|&y| if y { 1.0 } else { 0.0 }).collect();
+    let f1_at = |t: f32| count(scores, &targets, 1, &[t])[0].f1();
     let mut best: Option<(f32, f64)> = None;
     for t in candidates {
         let f = f1_at(t);

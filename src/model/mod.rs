@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 use crate::data::taxonomy::Taxonomy;
 use efficientnet::{Tagger, TaggerConfig};
@@ -115,13 +115,10 @@ impl LoadedModel {
     /// Probabilities for a batch of preprocessed images (`n * size * size * 3` BGR bytes).
     pub fn predict(&self, pixels: &[u8], n: usize) -> Vec<f32> {
         let s = self.image_size as i64;
-        let x = Tensor::from_slice(pixels)
+        let pixels = Tensor::from_slice(pixels)
             .view([n as i64, s, s, 3])
-            .to_device(self.vs.device())
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            / 255.0;
-        let x = crate::train::amp::channels_last(&x);
+            .to_device(self.vs.device());
+        let x = crate::train::amp::channels_last(&crate::data::augment::to_input(&pixels));
         let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&self.net, &x, false).sigmoid());
         Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))
             .expect("float probabilities")

@@ -55,9 +55,9 @@ impl Adam {
             fn refs(v: &[Tensor]) -> Vec<&Tensor> {
                 v.iter().collect()
             }
-            let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+            let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
             super::amp::foreach_adam(
-                &refs(&params),
+                &params,
                 &refs(&grads),
                 &refs(&self.m),
                 &refs(&self.v),

@@ -18,7 +18,7 @@ use crate::data::augment::{self, Augment};
 use crate::data::dataset::{self, ImageCache};
 use crate::data::split::split_indices;
 use crate::data::taxonomy::Taxonomy;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{csv_opt, write_atomic};
 use crate::metrics::{self, Counts};
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
 use crate::model::efficientnet::{Tagger, TaggerConfig};
@@ -110,10 +110,6 @@ fn csv_header(labels: &[String]) -> String {
 struct Validation {
     loss: f64,
     counts: Vec<Counts>,
-}
-
-fn opt(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }
 
 /// Relative path of a sample under the data root, as written in `val.txt`.
@@ -509,11 +505,13 @@ pub fn fit(
         let mut row = vec![
             epoch.to_string(),
             format!("{train_loss:.6}"),
-            opt(val_loss),
-            opt(validation.as_ref().map(|v| metrics::micro_f1(&v.counts))),
-            opt(validation
-                .as_ref()
-                .and_then(|v| metrics::macro_f1(&v.counts))),
+            csv_opt(val_loss),
+            csv_opt(validation.as_ref().map(|v| metrics::micro_f1(&v.counts))),
+            csv_opt(
+                validation
+                    .as_ref()
+                    .and_then(|v| metrics::macro_f1(&v.counts)),
+            ),
             format!("{}", settings.lr),
             format!("{epoch_time:.3}"),
             format!("{images_per_s:.2}"),
