@@ -13,6 +13,11 @@ use crate::device::DeviceArg;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Largest image decoded, in pixels (width x height); a file whose header claims more is
+    /// reported and skipped, so a decompression bomb cannot exhaust memory.
+    #[arg(long, global = true, default_value_t = crate::data::decode::DEFAULT_MAX_PIXELS,
+          value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    pub max_pixels: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,13 +45,13 @@ pub struct FetchArgs {
     )]
     pub tags: Vec<String>,
     /// With --tag: images wanted in each OUT/<tag>/.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = usize_in(1, 10_000_000))]
     pub count: usize,
     /// NDL-ImageLabel metadata.csv: download every row's image into OUT/<label>/<file name>.
     #[arg(long)]
     pub metadata: Option<PathBuf>,
     /// With --metadata: only the first N selected rows.
-    #[arg(long)]
+    #[arg(long, value_parser = usize_in(1, usize::MAX))]
     pub limit: Option<usize>,
     /// With --metadata: only these labels (repeatable).
     #[arg(long = "label")]
@@ -54,11 +59,11 @@ pub struct FetchArgs {
     /// Output dataset folder.
     #[arg(long, default_value = "datasetpdm")]
     pub out: PathBuf,
-    /// Image height asked of the IIIF server.
-    #[arg(long, default_value_t = 256)]
+    /// Image height asked of the IIIF server, in pixels (1 to 4096).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub height: u32,
-    /// Illustrations asked per API call.
-    #[arg(long, default_value_t = 10)]
+    /// Illustrations asked per API call (1 to 100).
+    #[arg(long, default_value_t = 10, value_parser = usize_in(1, 100))]
     pub size: usize,
     /// The illustration API.
     #[arg(long, default_value = crate::fetch::DEFAULT_API_BASE)]
@@ -69,20 +74,22 @@ pub struct FetchArgs {
     /// Downloads at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub jobs: u32,
-    /// Minimum time between two requests, in milliseconds.
-    #[arg(long, default_value_t = 250)]
+    /// Minimum time between two requests, in milliseconds (0 to 60000).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub delay_ms: u64,
-    /// Connect and read timeout, in seconds.
-    #[arg(long, default_value_t = 30.0)]
+    /// Deadline of one request, connection and whole body included, in seconds (0 excluded, up
+    /// to 3600).
+    #[arg(long, default_value_t = 30.0, value_parser = seconds, allow_negative_numbers = true)]
     pub timeout: f64,
-    /// Retries of a request that timed out, was cut short, or got 429 or 5xx.
-    #[arg(long, default_value_t = 5)]
+    /// Retries of a request that timed out, was cut short, or got 429 or 5xx (0 to 20).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=20))]
     pub retries: u32,
-    /// First wait before a retry, in milliseconds (doubled each time; Retry-After wins).
-    #[arg(long, default_value_t = 1000)]
+    /// First wait before a retry, in milliseconds (doubled each time; a Retry-After header wins;
+    /// every wait is capped at 60 s).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub backoff_ms: u64,
     /// With --tag: API calls in a row that may bring nothing new before giving up on a tag.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = usize_in(1, 10_000))]
     pub patience: usize,
 }
 
@@ -101,7 +108,7 @@ pub struct EvalArgs {
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
     /// One threshold for every label (default: the model's own thresholds).
-    #[arg(long, value_parser = parse_threshold)]
+    #[arg(long, value_parser = parse_threshold, allow_negative_numbers = true)]
     pub threshold: Option<f32>,
     /// Choose per-label thresholds that maximise each label's F1 on these images and write them
     /// into a new checkpoint (OUTPUT/<name>.calibrated.ckpt).
@@ -111,10 +118,10 @@ pub struct EvalArgs {
     #[arg(long, requires = "calibrate")]
     pub in_place: bool,
     /// Write review.csv: per label, the N misclassified images with the largest loss.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = usize_in(0, 100_000))]
     pub review: usize,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Images per forward pass (1 to 4096).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: u32,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -123,9 +130,10 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct FitArgs {
-    /// Dataset: one folder per tag (DATA/<tag>/<image>).
-    #[arg(long, default_value = "datasetpdm")]
-    pub data: PathBuf,
+    /// Dataset: one folder per tag (DATA/<tag>/<image>). Default: datasetpdm. With --resume:
+    /// where the run's dataset is now, if it moved.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Label list and folder -> labels table (JSON) for a collection other than the NDL's.
     #[arg(long)]
     pub taxonomy: Option<PathBuf>,
@@ -133,49 +141,55 @@ pub struct FitArgs {
     /// or a trainer checkpoint.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Continue the run in this folder (runs/<run>) from its last checkpoint.
-    #[arg(long, conflicts_with_all = ["init", "run"])]
+    /// Continue the run in this folder (runs/<run>) from its last checkpoint, with its own
+    /// settings; --epochs, --data, --weights-dir, --device, --precision and --memory-format may
+    /// be given, the other training settings may not.
+    #[arg(long, conflicts_with_all = ["init", "run", "runs_dir", "taxonomy", "batch_size", "lr",
+        "seed", "val_fraction", "augment", "image_size", "drop_connect"])]
     pub resume: Option<PathBuf>,
     /// Run name: its folder is RUNS_DIR/<name>. Default: the next free fit, fit2, ...
-    #[arg(long)]
+    #[arg(long, value_parser = run_name)]
     pub run: Option<String>,
     /// Folder of the run folders.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
     /// Folder of the Keras weights written whenever validation loss improves (val_loss{:.3f}.hdf5).
-    #[arg(long, default_value = "weights_pdm_multi")]
-    pub weights_dir: PathBuf,
-    /// Epochs in all (on --resume, may be raised to train further).
+    /// Default: weights_pdm_multi (on --resume: the run's own).
     #[arg(long)]
+    pub weights_dir: Option<PathBuf>,
+    /// Epochs in all, 1 to 1000000 (on --resume, may be raised to train further). Default: 100.
+    #[arg(long, value_parser = usize_in(1, crate::train::fit::MAX_EPOCHS))]
     pub epochs: Option<usize>,
-    /// Images per training step.
-    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Images per training step (1 to 4096).
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: u32,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-4)]
+    /// Adam learning rate, a positive number.
+    #[arg(long, default_value_t = 1e-4, value_parser = learning_rate, allow_negative_numbers = true)]
     pub lr: f64,
     /// Seed of the split, the shuffles, the augmentations and drop-connect.
     #[arg(long, default_value_t = 777)]
     pub seed: u64,
-    /// Share of the images held out for validation (0: train on all, no validation metrics).
-    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
+    /// Share of the images held out for validation, in [0, 1) (0: train on all, no validation
+    /// metrics).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction, allow_negative_numbers = true)]
     pub val_fraction: f64,
     /// Training augmentations.
     #[arg(long, value_enum, default_value = "original")]
     pub augment: crate::data::augment::Augment,
-    /// Input size in pixels (square).
-    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..))]
+    /// Input size in pixels (square), 32 to 2048.
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..=2048))]
     pub image_size: u32,
-    /// Drop-connect rate of the last block (block i of 16 uses rate * i / 16).
-    #[arg(long, default_value_t = 0.2, value_parser = parse_fraction)]
+    /// Drop-connect rate of the last block (block i of 16 uses rate * i / 16), in [0, 1).
+    #[arg(long, default_value_t = 0.2, value_parser = parse_fraction, allow_negative_numbers = true)]
     pub drop_connect: f64,
     /// Forward-pass precision: bf16 or fp16 autocast (batch-norm statistics and the loss stay in
     /// fp32), or fp32. Default: bf16 on CUDA, fp32 on CPU.
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::amp::Precision>,
-    /// Memory order of activations and kernels. Default: channels-last on CUDA, contiguous on CPU.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub memory_format: MemoryFormat,
+    /// Memory order of activations and kernels. Default (auto): channels-last on CUDA, contiguous
+    /// on CPU.
+    #[arg(long, value_enum)]
+    pub memory_format: Option<MemoryFormat>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
@@ -189,12 +203,63 @@ pub enum MemoryFormat {
     ChannelsLast,
 }
 
-fn parse_fraction(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if (0.0..1.0).contains(&v) {
+/// A number from the command line, refused with the accepted range when outside it.
+fn number_in(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number; expected one in {range}"))?;
+    if v.is_finite() && ok(v) {
         Ok(v)
     } else {
-        Err(format!("{v} must be in [0, 1)"))
+        Err(format!("{s} is outside {range}"))
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    number_in(s, |v| (0.0..1.0).contains(&v), "[0, 1)")
+}
+
+fn learning_rate(s: &str) -> Result<f64, String> {
+    number_in(s, |v| v > 0.0, "(0, inf), a positive number")
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    number_in(s, |v| v > 0.0 && v <= 3600.0, "(0, 3600] seconds")
+}
+
+/// A whole number in `[min, max]`, as a clap value parser.
+fn usize_in(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s: &str| {
+        let range = if max == usize::MAX {
+            format!("[{min}, ...)")
+        } else {
+            format!("[{min}, {max}]")
+        };
+        let v: usize = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not a whole number in {range}"))?;
+        if (min..=max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{v} is outside {range}"))
+        }
+    }
+}
+
+/// A run name: one folder name, not a path.
+fn run_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 200
+        && !s.starts_with('.')
+        && s.chars().all(|c| c.is_alphanumeric() || "_-.".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not a run name (letters, digits, '_', '-' and '.', not starting with '.')"
+        ))
     }
 }
 
@@ -213,10 +278,10 @@ pub struct InferArgs {
     pub output: PathBuf,
     /// Report labels whose probability is above this (0 lists every label). Default: the
     /// model's own thresholds (0.4 for Keras files, as the original).
-    #[arg(long, value_parser = parse_threshold)]
+    #[arg(long, value_parser = parse_threshold, allow_negative_numbers = true)]
     pub threshold: Option<f32>,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Images per forward pass (1 to 4096).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: u32,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -224,10 +289,5 @@ pub struct InferArgs {
 }
 
 fn parse_threshold(s: &str) -> Result<f32, String> {
-    let v: f32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if (0.0..1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("threshold {v} must be in [0, 1)"))
-    }
+    number_in(s, |v| (0.0..1.0).contains(&v), "[0, 1)").map(|v| v as f32)
 }

@@ -53,16 +53,31 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 .with_context(|| format!("cannot resume {}", run_dir.display()))?;
             let mut settings: FitSettings = serde_json::from_value(ckpt.meta.settings.clone())
                 .with_context(|| format!("{}: unreadable run settings", run_dir.display()))?;
+            // What may change between sessions of a run; the recipe itself may not.
             if let Some(e) = args.epochs {
                 settings.epochs = e;
+            }
+            if let Some(d) = args.data {
+                settings.data = d;
+            }
+            if let Some(w) = args.weights_dir {
+                settings.weights_dir = w;
+            }
+            if let Some(p) = args.precision {
+                settings.precision = p;
+            }
+            if let Some(m) = args.memory_format {
+                settings.channels_last = channels_last(m, device);
             }
             (settings, run_dir.clone(), true)
         }
         None => {
             let settings = FitSettings {
-                data: args.data,
+                data: args.data.unwrap_or_else(|| "datasetpdm".into()),
                 taxonomy: args.taxonomy,
-                weights_dir: args.weights_dir,
+                weights_dir: args
+                    .weights_dir
+                    .unwrap_or_else(|| "weights_pdm_multi".into()),
                 seed: args.seed,
                 val_fraction: args.val_fraction,
                 augment: args.augment,
@@ -73,11 +88,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 drop_connect: args.drop_connect,
                 init: args.init,
                 precision: args.precision.unwrap_or(Precision::default_for(device)),
-                channels_last: match args.memory_format {
-                    MemoryFormat::Auto => device.is_cuda(),
-                    MemoryFormat::ChannelsLast => true,
-                    MemoryFormat::Contiguous => false,
-                },
+                channels_last: channels_last(args.memory_format.unwrap_or(MemoryFormat::Auto), device),
             };
             let run_dir = match &args.run {
                 Some(name) => args.runs_dir.join(name),
@@ -107,6 +118,15 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         settings.weights_dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--memory-format` on a device: auto is channels-last on CUDA.
+fn channels_last(m: MemoryFormat, device: tch::Device) -> bool {
+    match m {
+        MemoryFormat::Auto => device.is_cuda(),
+        MemoryFormat::ChannelsLast => true,
+        MemoryFormat::Contiguous => false,
+    }
 }
 
 /// `trainer eval`.
@@ -150,7 +170,7 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
     let client = Client::new(ClientOptions {
         jobs: args.jobs as usize,
         delay: std::time::Duration::from_millis(args.delay_ms),
-        timeout: std::time::Duration::from_secs_f64(args.timeout.max(0.1)),
+        timeout: std::time::Duration::from_secs_f64(args.timeout),
         retries: args.retries,
         backoff: std::time::Duration::from_millis(args.backoff_ms),
     });
@@ -176,8 +196,8 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
                 api_base: args.api_base.clone(),
                 iiif_base: args.iiif_base.clone(),
                 height: args.height,
-                page_size: args.size.max(1),
-                patience: args.patience.max(1),
+                page_size: args.size,
+                patience: args.patience,
             },
         )?,
     };
@@ -195,7 +215,13 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(130));
     }
-    Ok(if s.failed > 0 {
+    if s.short > 0 {
+        eprintln!(
+            "fetch: {} tag(s) stopped short of --count {}",
+            s.short, args.count
+        );
+    }
+    Ok(if s.failed > 0 || s.short > 0 {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS

@@ -83,7 +83,7 @@ pub struct EvalReport {
 }
 
 /// Probabilities (N x L, row-major) of the model for every cached image.
-pub fn predict_cache(model: &LoadedModel, cache: &ImageCache, batch: usize) -> Vec<f32> {
+pub fn predict_cache(model: &LoadedModel, cache: &ImageCache, batch: usize) -> Result<Vec<f32>> {
     let n = cache.samples.len();
     let bar = progress::bar(n as u64, "images");
     bar.set_prefix("predict");
@@ -95,13 +95,13 @@ pub fn predict_cache(model: &LoadedModel, cache: &ImageCache, batch: usize) -> V
             .pixels
             .narrow(0, start as i64, len as i64)
             .contiguous();
-        let bytes = Vec::<u8>::try_from(px.flatten(0, -1)).expect("uint8 pixels");
-        out.extend(model.predict(&bytes, len));
+        let bytes = Vec::<u8>::try_from(px.flatten(0, -1))?;
+        out.extend(model.predict(&bytes, len)?);
         bar.inc(len as u64);
         start += len;
     }
     bar.finish_and_clear();
-    out
+    Ok(out)
 }
 
 /// One label's scores and ground truth from row-major probabilities and 0/1 targets.
@@ -198,7 +198,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
     }
     let cache = dataset::load_cache(&opts.data, samples, &model.taxonomy, model.image_size)?;
     let n = cache.samples.len();
-    let probs = predict_cache(model, &cache, opts.batch_size);
+    let probs = predict_cache(model, &cache, opts.batch_size)?;
     let targets = Vec::<f32>::try_from(cache.targets.flatten(0, -1)).expect("targets");
     let thresholds = match opts.threshold {
         Some(t) => vec![t; n_labels],
@@ -338,6 +338,8 @@ fn save_thresholds(model: &LoadedModel, opts: &EvalOptions, thresholds: &[f32]) 
         seed: 0,
         val_loss: None,
         best_val_loss: None,
+        history: Vec::new(),
+        tensors_sha256: None,
         settings: serde_json::json!({ "imported_from": opts.weights.display().to_string() }),
     };
     checkpoint::save(&new_path, &meta, &model.vs, &[])?;

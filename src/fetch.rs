@@ -19,7 +19,11 @@ use crate::progress;
 pub const DEFAULT_API_BASE: &str = "https://lab.ndl.go.jp/dl/api/illustration";
 pub const DEFAULT_IIIF_BASE: &str = "https://www.dl.ndl.go.jp/api/iiif";
 /// Largest body accepted (an illustration at 256 px is tens of kB).
-const MAX_BODY: u64 = 64 << 20;
+pub const MAX_BODY: u64 = 64 << 20;
+/// Longest wait before a retry, whatever a `Retry-After` header asks.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Redirects followed per request (only to http or https addresses).
+pub const MAX_REDIRECTS: usize = 5;
 
 /// How the client behaves.
 #[derive(Clone, Debug)]
@@ -41,6 +45,10 @@ pub enum FetchError {
     Transport(String),
     #[error("not an image ({0})")]
     NotImage(String),
+    /// An answer that retrying cannot fix: a redirect elsewhere than http(s), too many
+    /// redirects, a body over the size limit.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl FetchError {
@@ -48,7 +56,7 @@ impl FetchError {
         match self {
             FetchError::Status(code) => *code == 429 || *code >= 500,
             FetchError::Transport(_) => true,
-            FetchError::NotImage(_) => false,
+            FetchError::NotImage(_) | FetchError::Refused(_) => false,
         }
     }
 }
@@ -62,10 +70,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(opts: ClientOptions) -> Self {
+        // Redirects are followed by `attempt`, which checks where they lead.
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(opts.timeout)
-            .timeout_read(opts.timeout)
-            .timeout_write(opts.timeout)
+            .redirects(0)
             .user_agent(concat!(
                 "trainer/",
                 env!("CARGO_PKG_VERSION"),
@@ -88,42 +96,47 @@ impl Client {
             *next = start + self.opts.delay;
             start - now
         };
-        std::thread::sleep(wait);
+        progress::sleep(wait);
     }
 
-    /// One attempt: the whole body, or why not (with the server's Retry-After, if any).
+    /// One attempt: the whole body, or why not (with the server's Retry-After, if any). The
+    /// timeout is one deadline for the whole request, redirects and body included.
     fn attempt(&self, url: &str) -> (Result<Vec<u8>, FetchError>, Option<Duration>) {
         self.wait_turn();
-        match self.agent.get(url).call() {
-            Ok(resp) => {
-                let expected: Option<u64> =
-                    resp.header("Content-Length").and_then(|v| v.parse().ok());
-                let mut body = Vec::new();
-                let read = resp.into_reader().take(MAX_BODY).read_to_end(&mut body);
-                match read {
-                    Err(e) => (
-                        Err(FetchError::Transport(format!("body cut short: {e}"))),
-                        None,
-                    ),
-                    Ok(n) if expected.is_some_and(|e| e != n as u64) => (
-                        Err(FetchError::Transport(format!(
-                            "body cut short: {n} of {} bytes",
-                            expected.unwrap_or(0)
-                        ))),
-                        None,
-                    ),
-                    Ok(_) => (Ok(body), None),
+        let deadline = Instant::now() + self.opts.timeout;
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            match self.agent.get(&current).timeout(remaining).call() {
+                Ok(resp) if (300..400).contains(&resp.status()) => match redirect_target(&current, &resp) {
+                    Ok(next) => current = next,
+                    Err(e) => return (Err(e), None),
+                },
+                Ok(resp) => return (read_body(resp), None),
+                Err(ureq::Error::Status(code, resp)) => {
+                    let retry_after = resp
+                        .header("Retry-After")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(|s| Duration::from_secs(s).min(MAX_WAIT));
+                    return (Err(FetchError::Status(code)), retry_after);
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    return (Err(FetchError::Transport(t.to_string())), None)
                 }
             }
-            Err(ureq::Error::Status(code, resp)) => {
-                let retry_after = resp
-                    .header("Retry-After")
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|s| Duration::from_secs(s.min(300)));
-                (Err(FetchError::Status(code)), retry_after)
-            }
-            Err(ureq::Error::Transport(t)) => (Err(FetchError::Transport(t.to_string())), None),
         }
+        let err = if Instant::now() >= deadline {
+            FetchError::Transport(format!(
+                "no answer within the {:.1} s deadline",
+                self.opts.timeout.as_secs_f64()
+            ))
+        } else {
+            FetchError::Refused(format!("more than {MAX_REDIRECTS} redirects"))
+        };
+        (Err(err), None)
     }
 
     /// GET with retries on timeouts, cut bodies, 429 and 5xx; `check` validates the body (a
@@ -141,14 +154,88 @@ impl Client {
                 Err(e)
                     if e.retryable() && attempt < self.opts.retries && !progress::interrupted() =>
                 {
-                    let backoff =
-                        retry_after.unwrap_or(self.opts.backoff * 2u32.saturating_pow(attempt));
-                    std::thread::sleep(backoff);
+                    progress::sleep(retry_wait(retry_after, self.opts.backoff, attempt));
                     attempt += 1;
                 }
                 other => return (other, attempt),
             }
         }
+    }
+}
+
+/// The wait before retry number `attempt + 1`: the server's Retry-After, else the backoff doubled
+/// at each attempt; never more than [`MAX_WAIT`].
+pub fn retry_wait(retry_after: Option<Duration>, backoff: Duration, attempt: u32) -> Duration {
+    retry_after
+        .unwrap_or(backoff.saturating_mul(2u32.saturating_pow(attempt)))
+        .min(MAX_WAIT)
+}
+
+/// Where a 3xx answer points, resolved against the request's address; only http and https.
+fn redirect_target(current: &str, resp: &ureq::Response) -> Result<String, FetchError> {
+    let location = resp.header("Location").ok_or_else(|| {
+        FetchError::Refused(format!("HTTP {} without a Location", resp.status()))
+    })?;
+    let next = url::Url::parse(current)
+        .and_then(|base| base.join(location))
+        .map_err(|e| FetchError::Refused(format!("bad redirect to '{location}': {e}")))?;
+    if !matches!(next.scheme(), "http" | "https") {
+        return Err(FetchError::Refused(format!(
+            "redirect to '{location}' refused: only http and https are followed"
+        )));
+    }
+    Ok(next.into())
+}
+
+/// The whole body of a 2xx answer, at most [`MAX_BODY`] bytes, checked against Content-Length.
+fn read_body(resp: ureq::Response) -> Result<Vec<u8>, FetchError> {
+    let expected: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
+    if expected.is_some_and(|n| n > MAX_BODY) {
+        return Err(FetchError::Refused(format!(
+            "body of {} bytes is over the limit of {MAX_BODY}",
+            expected.unwrap_or(0)
+        )));
+    }
+    let mut body = Vec::new();
+    match resp.into_reader().take(MAX_BODY + 1).read_to_end(&mut body) {
+        Err(e) => Err(FetchError::Transport(format!("body cut short: {e}"))),
+        Ok(n) if n as u64 > MAX_BODY => Err(FetchError::Refused(format!(
+            "body over the limit of {MAX_BODY} bytes"
+        ))),
+        Ok(n) if expected.is_some_and(|e| e != n as u64) => Err(FetchError::Transport(format!(
+            "body cut short: {n} of {} bytes",
+            expected.unwrap_or(0)
+        ))),
+        Ok(_) => Ok(body),
+    }
+}
+
+/// True for a name that is safe as one path component and in a URL: ASCII letters, digits, `_`,
+/// `-` and `.`, not starting with `.`, at most 128 bytes.
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// `out/<folder>/<file>`, with both names checked, and verified to lie under `out`.
+fn dest_path(out: &Path, folder: &str, file: &str) -> Result<PathBuf, String> {
+    for name in [folder, file] {
+        if !is_safe_name(name) {
+            return Err(format!("unsafe name '{name}'"));
+        }
+    }
+    let dest = out.join(folder).join(file);
+    let inside = dest.strip_prefix(out).is_ok_and(|rest| {
+        rest.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    });
+    if inside {
+        Ok(dest)
+    } else {
+        Err(format!("{} is not under {}", dest.display(), out.display()))
     }
 }
 
@@ -207,16 +294,29 @@ impl ApiItem {
                 .collect(),
             _ => Vec::new(),
         };
+        let (id, pid) = (text("id")?, text("pid")?);
+        if !is_safe_name(&id) || !is_safe_name(&pid) {
+            bail!("API item with an unsafe id or pid (letters, digits, '_', '-', '.' only): {v}");
+        }
+        let number = |k: &str| -> Result<String> {
+            let t = text(k)?;
+            let numeric = t.parse::<f64>().is_ok_and(f64::is_finite)
+                && t.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+            if !numeric {
+                bail!("API item field '{k}' is not a number: {v}");
+            }
+            Ok(t)
+        };
         Ok(ApiItem {
-            id: text("id")?,
-            pid: text("pid")?,
+            id,
+            pid,
             page,
             region: format!(
                 "{},{},{},{}",
-                text("x")?,
-                text("y")?,
-                text("w")?,
-                text("h")?
+                number("x")?,
+                number("y")?,
+                number("w")?,
+                number("h")?
             ),
             tags,
         })
@@ -266,6 +366,8 @@ pub struct FetchSummary {
     pub saved: usize,
     pub skipped: usize,
     pub failed: usize,
+    /// Tags that stopped short of `--count`.
+    pub short: usize,
     pub interrupted: bool,
 }
 
@@ -410,7 +512,13 @@ fn download_all(
 
 /// `fetch --tag`: random illustrations per tag until each `<out>/<tag>/` holds `count` images.
 pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
+    if let Some(bad) = f.tags.iter().find(|t| !is_safe_name(t)) {
+        bail!("--tag '{bad}': a tag is a folder name (letters, digits, '_', '-', '.'; not starting with '.')");
+    }
+    check_base(&f.api_base, "--api-base")?;
+    check_base(&f.iiif_base, "--iiif-base")?;
     let log = Log::open(&f.out)?;
+    remove_stale_downloads(&f.out);
     let summary = Mutex::new(FetchSummary::default());
     let bar = progress::bar((f.tags.len() * f.count) as u64, "images");
     bar.set_prefix("fetch");
@@ -450,6 +558,7 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
                 let item = match ApiItem::parse(v) {
                     Ok(i) => i,
                     Err(e) => {
+                        summary.lock().expect("summary").failed += 1;
                         bar.suspend(|| eprintln!("skipped an API item: {e:#}"));
                         continue;
                     }
@@ -485,11 +594,15 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
                     wanted -= 1;
                 }
                 attempted.insert(item.id.clone());
-                batch.push((
-                    url,
-                    f.out.join(folder).join(format!("{}.jpg", item.id)),
-                    fields,
-                ));
+                let dest = match dest_path(&f.out, folder, &format!("{}.jpg", item.id)) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        summary.lock().expect("summary").failed += 1;
+                        bar.suspend(|| eprintln!("skipped API item {}: {e}", item.id));
+                        continue;
+                    }
+                };
+                batch.push((url, dest, fields));
             }
             let before = count_jpgs(&tag_dir);
             let n = batch.len();
@@ -497,6 +610,7 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
             if n == 0 || count_jpgs(&tag_dir) == before {
                 idle_calls += 1;
                 if idle_calls >= f.patience {
+                    summary.lock().expect("summary").short += 1;
                     bar.suspend(|| {
                         eprintln!(
                             "{tag}: {} API calls in a row brought no new image; stopping at {} of {}",
@@ -518,6 +632,24 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
     Ok(s)
 }
 
+/// An address the client may ask: http or https.
+fn check_base(url: &str, what: &str) -> Result<()> {
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+        _ => bail!("{what} '{url}' is not an http or https address"),
+    }
+}
+
+/// Clears what a killed fetch left half-written in the label folders (older than 10 minutes, so a
+/// fetch running beside this one keeps its own).
+fn remove_stale_downloads(out: &Path) {
+    if let Ok(dirs) = std::fs::read_dir(out) {
+        for d in dirs.flatten().filter(|d| d.path().is_dir()) {
+            crate::fsutil::remove_stale_temporaries(&d.path(), Duration::from_secs(600));
+        }
+    }
+}
+
 /// Settings of `fetch --metadata`.
 pub struct MetadataFetch {
     pub metadata: PathBuf,
@@ -530,11 +662,13 @@ pub struct MetadataFetch {
 
 /// `fetch --metadata`: every row's image into `<out>/<label>/<file name>`.
 pub fn fetch_metadata(client: &Client, f: &MetadataFetch) -> Result<FetchSummary> {
+    check_base(&f.iiif_base, "--iiif-base")?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_path(&f.metadata)
         .with_context(|| format!("cannot read {}", f.metadata.display()))?;
     let log = Log::open(&f.out)?;
+    remove_stale_downloads(&f.out);
     let summary = Mutex::new(FetchSummary::default());
     let mut jobs = Vec::new();
     for (line, record) in reader.records().enumerate() {
@@ -556,15 +690,19 @@ pub fn fetch_metadata(client: &Client, f: &MetadataFetch) -> Result<FetchSummary
         {
             break;
         }
-        if file.contains(['/', '\\']) || label.contains(['/', '\\']) || file.starts_with('.') {
-            bail!(
-                "{}: row {}: unsafe file or label name",
-                f.metadata.display(),
-                line + 2
-            );
-        }
-        let dest = f.out.join(label).join(file);
-        let url = metadata_url(url, f.height, &f.iiif_base)?;
+        let checked = dest_path(&f.out, label, file).and_then(|dest| {
+            let url = metadata_url(url, f.height, &f.iiif_base).map_err(|e| e.to_string())?;
+            check_base(&url, "address").map_err(|e| e.to_string())?;
+            Ok((dest, url))
+        });
+        let (dest, url) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                summary.lock().expect("summary").failed += 1;
+                eprintln!("{}: row {}: skipped: {e}", f.metadata.display(), line + 2);
+                continue;
+            }
+        };
         let fields = vec![
             file.to_string(),
             String::new(),
@@ -622,6 +760,46 @@ mod tests {
             .iiif_url(DEFAULT_IIIF_BASE, 256)
             .contains("/R1234567/pct:1.5,2,3,4/"));
         assert!(ApiItem::parse(&json!({"id": "a", "pid": "1"})).is_err());
+    }
+
+    #[test]
+    fn retry_waits_double_and_are_capped() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_wait(None, ms(100), 0), ms(100));
+        assert_eq!(retry_wait(None, ms(100), 3), ms(800));
+        assert_eq!(retry_wait(None, ms(1000), 40), MAX_WAIT);
+        assert_eq!(retry_wait(Some(ms(2000)), ms(100), 0), ms(2000));
+        let huge = Some(Duration::from_secs(999_999));
+        assert_eq!(retry_wait(huge, ms(100), 0), MAX_WAIT);
+    }
+
+    #[test]
+    fn names_from_outside_never_leave_the_output_folder() {
+        let out = Path::new("/data/out");
+        assert_eq!(
+            dest_path(out, "stamp", "a_1.jpg").unwrap(),
+            Path::new("/data/out/stamp/a_1.jpg")
+        );
+        for (folder, file) in [
+            ("..", "x.jpg"),
+            ("stamp", "../../../x.jpg"),
+            ("stamp", "/tmp/x.jpg"),
+            ("../../evil", "x.jpg"),
+            ("stamp", ".hidden.jpg"),
+            ("stamp", "a\\b.jpg"),
+            ("", "x.jpg"),
+            ("stamp", "x.jpg\0"),
+        ] {
+            assert!(dest_path(out, folder, file).is_err(), "{folder}/{file}");
+        }
+        let item = |id: &str, pid: &str, x: serde_json::Value| {
+            ApiItem::parse(&json!({"id": id, "pid": pid, "page": 1, "x": x, "y": 2, "w": 3, "h": 4}))
+        };
+        assert!(item("a", "1", json!(1.5)).is_ok());
+        assert!(item("../../../x", "1", json!(1)).is_err());
+        assert!(item("a", "/tmp/x", json!(1)).is_err());
+        assert!(item("a", "1", json!("1/../../admin")).is_err());
+        assert!(item("a", "1", json!("nan")).is_err());
     }
 
     #[test]

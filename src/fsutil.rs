@@ -61,6 +61,84 @@ pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
+/// Removes the temporaries [`write_atomic`] leaves behind when a process is killed mid-write
+/// (`.<name>.<random>.tmp`) from `dir`, if they are older than `min_age` (zero: all of them, for
+/// a folder this process holds the lock of). Returns how many were removed.
+pub fn remove_stale_temporaries(dir: &Path, min_age: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= min_age);
+        if old && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// An exclusive lock on a folder, held while this value lives (an advisory `flock` on
+/// `<dir>/.lock`, released by the kernel when the process ends, so a crashed holder never leaves
+/// a stale lock). The file names the holder for the message another process gets.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Takes the lock of `dir` (which must exist), or says who holds it.
+pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
+    let path = dir.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = std::io::Read::read_to_string(&mut file, &mut holder);
+            let holder = holder.trim();
+            anyhow::bail!(
+                "{} is in use by another {what} ({}); wait for it to finish or choose another folder",
+                dir.display(),
+                if holder.is_empty() { "holder unknown" } else { holder }
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let text = format!(
+        "pid {} on host {}, since {since} (Unix time)",
+        std::process::id(),
+        host.trim()
+    );
+    file.set_len(0)
+        .and_then(|_| std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)))
+        .and_then(|_| file.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write the lock file {}", path.display()))?;
+    Ok(DirLock { _file: file })
+}
+
 /// An optional number as a CSV field: 6 decimals, or empty.
 pub fn csv_opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
@@ -87,6 +165,33 @@ mod tests {
         write_atomic(&path, b"second").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_and_names_the_holder_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_dir(dir.path(), "trainer fit").unwrap();
+        let err = format!("{:#}", lock_dir(dir.path(), "trainer fit").err().unwrap());
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(first);
+        lock_dir(dir.path(), "trainer fit").unwrap();
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_other_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".last.ckpt.a1B2c3.tmp"), b"half").unwrap();
+        std::fs::write(dir.path().join("last.ckpt"), b"whole").unwrap();
+        std::fs::write(dir.path().join("notes.tmp"), b"user file").unwrap();
+        let young = remove_stale_temporaries(dir.path(), std::time::Duration::from_secs(3600));
+        assert_eq!(young, 0);
+        assert_eq!(remove_stale_temporaries(dir.path(), std::time::Duration::ZERO), 1);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["last.ckpt", "notes.tmp"]);
     }
 
     #[test]

@@ -73,9 +73,10 @@ pub fn discover(input: &Path) -> Result<Vec<Folder>> {
     let mut loose = Vec::new();
     for entry in sorted_entries(input)? {
         if entry.is_dir() {
+            // Everything but folders: a broken link or a pipe is then reported by path.
             let files = sorted_entries(&entry)?
                 .into_iter()
-                .filter(|p| p.is_file())
+                .filter(|p| !p.is_dir())
                 .collect();
             let name = entry
                 .file_name()
@@ -83,7 +84,7 @@ pub fn discover(input: &Path) -> Result<Vec<Folder>> {
                 .to_string_lossy()
                 .into_owned();
             folders.push(Folder { name, files });
-        } else if entry.is_file() {
+        } else {
             loose.push(entry);
         }
     }
@@ -95,7 +96,33 @@ pub fn discover(input: &Path) -> Result<Vec<Folder>> {
             .unwrap_or_else(|| "images".into());
         folders.insert(0, Folder { name, files: loose });
     }
+    check_distinct_names(input, &folders)?;
     Ok(folders)
+}
+
+/// Two folders must never write the same JSON file: the loose images of `input` and a subfolder
+/// named like `input`, or two folder names that are the same once made printable.
+fn check_distinct_names(input: &Path, folders: &[Folder]) -> Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, folder) in folders.iter().enumerate() {
+        if let Some(first) = seen.insert(folder.name.as_str(), i) {
+            let loose = first == 0 && folders[0].files.iter().any(|f| f.parent() == Some(input));
+            if loose {
+                bail!(
+                    "{}: its loose images and its subfolder {}/ would both be written to {}.json; move the loose images into a subfolder of their own",
+                    input.display(),
+                    folder.name,
+                    folder.name
+                );
+            }
+            bail!(
+                "{}: two subfolders would both be written to {}.json (their names differ only in bytes that are not valid UTF-8); rename one",
+                input.display(),
+                folder.name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The tags of one image: labels whose probability is above the threshold (every label when the
@@ -193,6 +220,8 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     }
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("cannot create output folder {}", opts.output.display()))?;
+    // What a killed run left half-written (a running one writes each file in well under this).
+    crate::fsutil::remove_stale_temporaries(&opts.output, std::time::Duration::from_secs(600));
     let thresholds = match opts.threshold {
         Some(t) => vec![t; model.taxonomy.labels.len()],
         None => model.thresholds.clone(),
@@ -265,7 +294,7 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
         let probs = if ok.is_empty() {
             Vec::new()
         } else {
-            model.predict(&pixels, ok.len())
+            model.predict(&pixels, ok.len())?
         };
         let n_labels = model.taxonomy.labels.len();
         for (k, index) in ok.iter().enumerate() {

@@ -5,6 +5,7 @@ use trainer::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    trainer::data::decode::set_max_pixels(cli.max_pixels);
     trainer::progress::install_ctrlc_handler();
     let result = match cli.command {
         Command::Infer(args) => trainer::commands::infer(args),

@@ -26,6 +26,18 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// Sleeps for `d`, waking early when Ctrl-C is pressed.
+pub fn sleep(d: std::time::Duration) {
+    let end = std::time::Instant::now() + d;
+    while !interrupted() {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+    }
+}
+
 /// A bar over `len` items; drawn on stderr only when it is a terminal.
 pub fn bar(len: u64, unit: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(len), draw_target());

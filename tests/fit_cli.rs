@@ -47,7 +47,7 @@ fn predict_all(model: &LoadedModel) -> (Vec<f32>, Vec<f32>) {
     let cache = dataset::load_cache(&data(), samples, &taxonomy, model.image_size).unwrap();
     let n = cache.samples.len();
     let pixels = Vec::<u8>::try_from(cache.pixels.flatten(0, -1)).unwrap();
-    let probs = model.predict(&pixels, n);
+    let probs = model.predict(&pixels, n).unwrap();
     let targets = Vec::<f32>::try_from(cache.targets.flatten(0, -1)).unwrap();
     (probs, targets)
 }

@@ -94,7 +94,7 @@ fn the_inference_model_gives_oracle_probabilities() {
             .unwrap();
     let inputs = oracle_inputs();
     let bytes = Vec::<u8>::try_from(inputs.flatten(0, -1)).unwrap();
-    let probs = model.predict(&bytes, 96);
+    let probs = model.predict(&bytes, 96).unwrap();
     let diff = max_abs_diff_to_oracle(&Tensor::from_slice(&probs).view([96, 11]));
     assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
 }

@@ -111,7 +111,8 @@ pub fn scan(root: &Path, folders: &[String]) -> Result<Vec<Sample>> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with('.'));
-            if path.is_file() && !hidden {
+            // Everything but folders: a broken link or a pipe is then reported by path.
+            if !path.is_dir() && !hidden {
                 samples.push(Sample {
                     path,
                     folder: folder.clone(),

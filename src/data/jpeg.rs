@@ -70,9 +70,48 @@ pub fn is_jpeg(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0xFF, 0xD8, 0xFF])
 }
 
-/// Decodes a JPEG into BGR. A file cut short is an error, like any fatal libjpeg error; other
-/// libjpeg warnings (stray bytes between markers) are tolerated as `cv2.imread` does.
-pub fn decode_bgr(bytes: &[u8]) -> Result<Jpeg, String> {
+/// The TIFF part of the first EXIF segment (APP1 starting with `Exif\0\0`) before the image
+/// data, as OpenCV's JPEG reader finds it; `None` when there is none. Every length is checked.
+pub fn exif_tiff(bytes: &[u8]) -> Option<&[u8]> {
+    let mut pos = 2; // after SOI
+    loop {
+        // Markers may be preceded by fill bytes 0xFF.
+        while bytes.get(pos) == Some(&0xFF) && bytes.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        if bytes.get(pos) != Some(&0xFF) {
+            return None;
+        }
+        let marker = *bytes.get(pos + 1)?;
+        match marker {
+            0xDA | 0xD9 => return None, // start of scan, end of image
+            0x01 | 0xD0..=0xD7 => {
+                pos += 2;
+                continue;
+            }
+            _ => {}
+        }
+        let len = u16::from_be_bytes([*bytes.get(pos + 2)?, *bytes.get(pos + 3)?]) as usize;
+        if len < 2 {
+            return None;
+        }
+        let segment = bytes.get(pos + 4..pos + 2 + len)?;
+        if marker == 0xE1 {
+            if let Some(tiff) = segment.strip_prefix(b"Exif\0\0") {
+                return Some(tiff);
+            }
+        }
+        pos += 2 + len;
+    }
+}
+
+/// Decodes a JPEG into BGR. `check` sees the header's width and height before any pixel memory
+/// is allocated and may refuse them. A file cut short is an error, like any fatal libjpeg error;
+/// other libjpeg warnings (stray bytes between markers) are tolerated as `cv2.imread` does.
+pub fn decode_bgr(
+    bytes: &[u8],
+    check: impl Fn(u64, u64) -> Result<(), String>,
+) -> Result<Jpeg, String> {
     // SAFETY: plain C call with no arguments.
     let handle = Handle(unsafe { tjInitDecompress() });
     if handle.0.is_null() {
@@ -100,6 +139,7 @@ pub fn decode_bgr(bytes: &[u8]) -> Result<Jpeg, String> {
     if w <= 0 || h <= 0 {
         return Err("zero-sized image".into());
     }
+    check(w as u64, h as u64)?;
     let (width, height) = (w as usize, h as usize);
     let mut out = vec![0u8; width * height * 3];
     // SAFETY: `out` holds exactly width * height * 3 bytes, the size TurboJPEG writes for BGR.

@@ -15,8 +15,14 @@ use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
 
 pub const FORMAT: &str = "trainer-checkpoint";
-pub const VERSION: u32 = 1;
+/// Version 2 added the tensor checksum and the per-epoch history.
+pub const VERSION: u32 = 2;
 const META_KEY: &str = "trainer";
+/// Smallest and largest input size a checkpoint may ask for.
+pub const MIN_IMAGE_SIZE: usize = 32;
+pub const MAX_IMAGE_SIZE: usize = 2048;
+/// Largest checkpoint file read (an EfficientNet-B0 with its Adam state is about 50 MB).
+const MAX_FILE_BYTES: u64 = 2 << 30;
 
 /// How images are turned into model inputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +68,116 @@ pub struct CheckpointMeta {
     pub best_val_loss: Option<f64>,
     /// The `fit` settings of the run, as given.
     pub settings: serde_json::Value,
+    /// `results.csv` rows of every epoch up to this one, so the CSV can always be rebuilt.
+    #[serde(default)]
+    pub history: Vec<String>,
+    /// SHA-256 of the tensors (names, shapes and bytes, in name order), filled in when written.
+    #[serde(default)]
+    pub tensors_sha256: Option<String>,
+}
+
+impl CheckpointMeta {
+    /// Checks every field against sane ranges and the others; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let labels = &self.taxonomy.labels;
+        if labels.is_empty() {
+            return Err("taxonomy.labels is empty".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = labels.iter().find(|l| !seen.insert(l.as_str())) {
+            return Err(format!("taxonomy.labels lists '{dup}' twice"));
+        }
+        if let Some(bad) = labels.iter().find(|l| l.is_empty() || l.len() > 200) {
+            return Err(format!("taxonomy.labels holds a bad name '{bad}'"));
+        }
+        for (folder, mapped) in &self.taxonomy.folders {
+            if let Some(bad) = mapped.iter().find(|l| !labels.contains(l)) {
+                return Err(format!(
+                    "taxonomy.folders: '{folder}' maps to '{bad}', which is not a label"
+                ));
+            }
+        }
+        if self.thresholds.len() != labels.len() {
+            return Err(format!(
+                "thresholds has {} values for {} labels",
+                self.thresholds.len(),
+                labels.len()
+            ));
+        }
+        if let Some(t) = self
+            .thresholds
+            .iter()
+            .find(|t| !(0.0..=1.0).contains(*t))
+        {
+            return Err(format!("thresholds holds {t}, outside [0, 1]"));
+        }
+        self.preprocessing.validate()?;
+        if !(0.0..1.0).contains(&self.drop_connect) {
+            return Err(format!(
+                "drop_connect is {}, outside [0, 1)",
+                self.drop_connect
+            ));
+        }
+        if self.optimizer_step < 0 {
+            return Err(format!("optimizer_step is {}", self.optimizer_step));
+        }
+        Ok(())
+    }
+}
+
+impl Preprocessing {
+    /// The only preprocessing the model knows: OpenCV-resized BGR scaled by 1/255, at a sane size.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&self.image_size) {
+            return Err(format!(
+                "preprocessing.image_size is {}, outside [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]",
+                self.image_size
+            ));
+        }
+        let expected = Preprocessing::original(self.image_size);
+        if self.channel_order != expected.channel_order {
+            return Err(format!(
+                "preprocessing.channel_order is '{}'; only '{}' is supported",
+                self.channel_order, expected.channel_order
+            ));
+        }
+        if self.resize != expected.resize {
+            return Err(format!(
+                "preprocessing.resize is '{}'; only '{}' is supported",
+                self.resize, expected.resize
+            ));
+        }
+        if (self.scale - expected.scale).abs() > 1e-9 {
+            return Err(format!(
+                "preprocessing.scale is {}; only 1/255 is supported",
+                self.scale
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 over each tensor's name, shape and little-endian bytes, in name order.
+fn tensors_sha256<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [u8])>) -> String {
+    use sha2::Digest;
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut hasher = sha2::Sha256::new();
+    for (name, shape, bytes) in sorted {
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((shape.len() as u64).to_le_bytes());
+        for d in shape {
+            hasher.update((*d as u64).to_le_bytes());
+        }
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn to_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
@@ -110,7 +226,13 @@ fn write_named(path: &Path, meta: &CheckpointMeta, named: &[(String, Tensor)]) -
             ))
         })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
+    let mut meta = meta.clone();
+    meta.version = VERSION;
+    meta.tensors_sha256 = Some(tensors_sha256(
+        raw.iter()
+            .map(|(k, shape, bytes)| (k.as_str(), shape.as_slice(), bytes.as_slice())),
+    ));
+    let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(&meta)?)]);
     let bytes = safetensors::serialize(views, &Some(info))?;
     write_atomic(path, &bytes)
 }
@@ -122,38 +244,57 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Reads and checks a checkpoint: size, format, every metadata field, and the tensors'
+    /// checksum. Every error names the file.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let shown = path.display();
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot read checkpoint {shown}"))?
+            .len();
+        if size > MAX_FILE_BYTES {
+            bail!("{shown}: {size} bytes, larger than any checkpoint (limit {MAX_FILE_BYTES})");
+        }
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read checkpoint {shown}"))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a trainer checkpoint ({e:?})", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{shown}: not a trainer checkpoint ({e:?})"))?;
         let meta_json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
-            .with_context(|| {
-                format!(
-                    "{}: a safetensors file without trainer metadata",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("{shown}: a safetensors file without trainer metadata"))?;
         let meta: CheckpointMeta = serde_json::from_str(meta_json)
-            .with_context(|| format!("{}: unreadable trainer metadata", path.display()))?;
+            .with_context(|| format!("{shown}: unreadable trainer metadata"))?;
         if meta.format != FORMAT || meta.version > VERSION {
             bail!(
-                "{}: checkpoint format {} v{} is not supported",
-                path.display(),
+                "{shown}: checkpoint format {} v{} is not supported",
                 meta.format,
                 meta.version
             );
         }
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
-        let mut tensors = HashMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                bail!("{}: tensor {name} is not float32", path.display());
+        meta.validate()
+            .map_err(|e| anyhow::anyhow!("{shown}: bad metadata: {e}"))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{shown}: {e:?}"))?;
+        let views = st.tensors();
+        if let Some((name, _)) = views.iter().find(|(_, v)| v.dtype() != Dtype::F32) {
+            bail!("{shown}: tensor {name} is not float32");
+        }
+        match &meta.tensors_sha256 {
+            Some(expected) => {
+                let actual = tensors_sha256(
+                    views
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.shape(), v.data())),
+                );
+                if &actual != expected {
+                    bail!("{shown}: the tensors do not match their checksum; the file is damaged");
+                }
             }
+            None if meta.version >= 2 => bail!("{shown}: the tensors' checksum is missing"),
+            None => {}
+        }
+        let mut tensors = HashMap::new();
+        for (name, view) in views {
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let values: Vec<f32> = view
                 .data()

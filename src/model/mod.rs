@@ -28,6 +28,8 @@ pub struct LoadedModel {
     pub image_size: usize,
     /// What was loaded, for messages.
     pub description: String,
+    /// The weights file.
+    pub path: std::path::PathBuf,
 }
 
 const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
@@ -72,6 +74,7 @@ impl LoadedModel {
                 path.display()
             );
         }
+        check_finite(&vs, path)?;
         let thresholds = vec![DEFAULT_INFER_THRESHOLD; taxonomy.labels.len()];
         // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
         crate::train::amp::vars_to_channels_last(&vs);
@@ -82,6 +85,7 @@ impl LoadedModel {
             thresholds,
             image_size: DEFAULT_IMAGE_SIZE,
             description: format!("{} ({report})", path.display()),
+            path: path.to_path_buf(),
         })
     }
 
@@ -96,6 +100,7 @@ impl LoadedModel {
         };
         let net = Tagger::new(&vs.root(), config);
         ckpt.load_model(&vs, path)?;
+        check_finite(&vs, path)?;
         // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
         crate::train::amp::vars_to_channels_last(&vs);
         Ok(LoadedModel {
@@ -109,20 +114,44 @@ impl LoadedModel {
                 path.display(),
                 meta.epoch
             ),
+            path: path.to_path_buf(),
         })
     }
 
-    /// Probabilities for a batch of preprocessed images (`n * size * size * 3` BGR bytes).
-    pub fn predict(&self, pixels: &[u8], n: usize) -> Vec<f32> {
+    /// Probabilities for a batch of preprocessed images (`n * size * size * 3` BGR bytes). A
+    /// probability that is not a finite number is an error naming the weights file.
+    pub fn predict(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
         let s = self.image_size as i64;
         let pixels = Tensor::from_slice(pixels)
             .view([n as i64, s, s, 3])
             .to_device(self.vs.device());
         let x = crate::train::amp::channels_last(&crate::data::augment::to_input(&pixels));
         let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&self.net, &x, false).sigmoid());
-        Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))
-            .expect("float probabilities")
+        let probs = Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))?;
+        if probs.iter().any(|p| !p.is_finite()) {
+            bail!(
+                "{}: the model gives probabilities that are not numbers (NaN); the weights file is damaged or was trained into divergence",
+                self.path.display()
+            );
+        }
+        Ok(probs)
     }
+}
+
+/// Refuses a model with a weight that is NaN or infinite, naming the first such tensor.
+pub fn check_finite(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let mut vars = vs.variables().into_iter().collect::<Vec<_>>();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in vars {
+        let finite = tch::no_grad(|| t.isfinite().all().int64_value(&[]) != 0);
+        if !finite {
+            bail!(
+                "{}: tensor {name} holds values that are not finite numbers (NaN or infinity)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Loads a model for `infer` and `eval`; every error names the file.

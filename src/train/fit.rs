@@ -1,7 +1,6 @@
 //! The fit loop: dataset -> cache -> split -> epochs of augmented Adam steps -> validation
 //! metrics -> CSV row, checkpoints and Keras weights.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -50,6 +49,49 @@ pub struct FitSettings {
 
 fn fp32() -> Precision {
     Precision::Fp32
+}
+
+/// Largest batch accepted (memory is bounded by the batch).
+pub const MAX_BATCH: usize = 4096;
+/// Most epochs a run may ask for.
+pub const MAX_EPOCHS: usize = 1_000_000;
+
+impl FitSettings {
+    /// Checks every number against its range (the command line does too; this also covers
+    /// settings read back from a checkpoint). The error names the setting and its range.
+    pub fn validate(&self) -> Result<()> {
+        let (min, max) = (checkpoint::MIN_IMAGE_SIZE, checkpoint::MAX_IMAGE_SIZE);
+        let checks = [
+            (
+                self.lr.is_finite() && self.lr > 0.0,
+                format!("lr {} must be a positive number", self.lr),
+            ),
+            (
+                (1..=MAX_BATCH).contains(&self.batch_size),
+                format!("batch_size {} must be in [1, {MAX_BATCH}]", self.batch_size),
+            ),
+            (
+                (1..=MAX_EPOCHS).contains(&self.epochs),
+                format!("epochs {} must be in [1, {MAX_EPOCHS}]", self.epochs),
+            ),
+            (
+                (min..=max).contains(&self.image_size),
+                format!("image_size {} must be in [{min}, {max}]", self.image_size),
+            ),
+            (
+                (0.0..1.0).contains(&self.val_fraction),
+                format!("val_fraction {} must be in [0, 1)", self.val_fraction),
+            ),
+            (
+                (0.0..1.0).contains(&self.drop_connect),
+                format!("drop_connect {} must be in [0, 1)", self.drop_connect),
+            ),
+        ];
+        match checks.into_iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => bail!("{message}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a run ended with.
@@ -104,6 +146,58 @@ fn csv_header(labels: &[String]) -> String {
         }
     }
     cols.join(",")
+}
+
+/// The rows to keep on resume: the checkpoint's own history (every epoch up to it), or, for a
+/// checkpoint written before histories were kept, the CSV's rows of the epochs before `start`.
+fn resumed_rows(previous: &Checkpoint, csv_path: &Path) -> Vec<String> {
+    if !previous.meta.history.is_empty() {
+        return previous.meta.history.clone();
+    }
+    let text = std::fs::read_to_string(csv_path).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|line| {
+            line.split(',')
+                .next()
+                .and_then(|e| e.parse::<usize>().ok())
+                .is_some_and(|e| e <= previous.meta.epoch)
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Writes `results.csv` whole (atomically): the header, then one row per checkpointed epoch.
+fn write_results(path: &Path, labels: &[String], rows: &[String]) -> Result<()> {
+    let mut text = csv_header(labels) + "\n";
+    for row in rows {
+        text += row;
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Creates (or opens, on resume) the run folder and locks it for this process; clears what a
+/// killed process left half-written there. A new run refuses a folder that already holds one.
+fn open_run_dir(run_dir: &Path, resume: bool) -> Result<crate::fsutil::DirLock> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+    let lock = crate::fsutil::lock_dir(run_dir, "trainer fit")?;
+    if !resume && run_dir.join(LAST).exists() {
+        bail!(
+            "run folder {} already holds a run; resume it with --resume {} or choose another --run",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    let removed = crate::fsutil::remove_stale_temporaries(run_dir, std::time::Duration::ZERO);
+    if removed > 0 {
+        eprintln!(
+            "removed {removed} half-written temporary file(s) from {}",
+            run_dir.display()
+        );
+    }
+    Ok(lock)
 }
 
 /// Validation results of one epoch.
@@ -185,12 +279,19 @@ pub fn fit(
     resume: bool,
     device: Device,
 ) -> Result<FitSummary> {
+    settings.validate()?;
     let last_path = run_dir.join(LAST);
     let previous = if resume {
-        Some(
-            Checkpoint::read(&last_path)
-                .with_context(|| format!("cannot resume {}", run_dir.display()))?,
-        )
+        let prev = Checkpoint::read(&last_path)
+            .with_context(|| format!("cannot resume {}", run_dir.display()))?;
+        if settings.epochs <= prev.meta.epoch {
+            bail!(
+                "{} already holds {} epochs; pass --epochs with a larger number to train further",
+                run_dir.display(),
+                prev.meta.epoch
+            );
+        }
+        Some(prev)
     } else {
         if last_path.exists() {
             bail!(
@@ -243,17 +344,6 @@ pub fn fit(
         // Index order, as a resumed run rebuilds them from val.txt.
         train.sort();
         val.sort();
-        let listing: String = val
-            .iter()
-            .map(|&i| relative(&settings.data, &cache.samples[i].path) + "\n")
-            .collect();
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
-        write_atomic(&val_list, listing.as_bytes())?;
-        write_atomic(
-            &run_dir.join(SETTINGS),
-            serde_json::to_string_pretty(settings)?.as_bytes(),
-        )?;
         (
             train.into_iter().map(|i| i as i64).collect(),
             val.into_iter().map(|i| i as i64).collect(),
@@ -304,6 +394,22 @@ pub fn fit(
         );
     }
 
+    // Everything given was usable: only now is the run folder created (and locked).
+    let _lock = open_run_dir(run_dir, resume)?;
+    if previous.is_none() {
+        let listing: String = val_idx
+            .iter()
+            .map(|&i| relative(&settings.data, &cache.samples[i as usize].path) + "\n")
+            .collect();
+        write_atomic(&val_list, listing.as_bytes())?;
+        write_atomic(
+            &run_dir.join(SETTINGS),
+            serde_json::to_string_pretty(settings)?.as_bytes(),
+        )?;
+    }
+    let stale = std::time::Duration::from_secs(600);
+    crate::fsutil::remove_stale_temporaries(&settings.weights_dir, stale);
+
     if settings.channels_last {
         amp::vars_to_channels_last(&vs);
     }
@@ -317,30 +423,14 @@ pub fn fit(
         }
     );
 
-    // Results CSV: on resume keep the rows up to the checkpoint's epoch.
+    // Results CSV: rebuilt from the checkpoint's history on resume, so it always holds one row
+    // per checkpointed epoch.
     let csv_path = run_dir.join(RESULTS);
-    let header = csv_header(&labels);
-    let mut kept_rows = String::new();
-    if resume {
-        if let Ok(text) = std::fs::read_to_string(&csv_path) {
-            for line in text.lines().skip(1) {
-                let epoch: usize = line
-                    .split(',')
-                    .next()
-                    .and_then(|e| e.parse().ok())
-                    .unwrap_or(usize::MAX);
-                if epoch < start_epoch {
-                    kept_rows.push_str(line);
-                    kept_rows.push('\n');
-                }
-            }
-        }
-    }
-    write_atomic(&csv_path, format!("{header}\n{kept_rows}").as_bytes())?;
-    let mut csv = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&csv_path)
-        .with_context(|| format!("cannot open {}", csv_path.display()))?;
+    let mut history = match &previous {
+        Some(prev) => resumed_rows(prev, &csv_path),
+        None => Vec::new(),
+    };
+    write_results(&csv_path, &labels, &history)?;
 
     // The uint8 cache lives on the training device when it fits (6,405 images at 224 take
     // 0.96 GB); otherwise batches are gathered in host memory and copied.
@@ -467,7 +557,9 @@ pub fn fit(
         let epoch_time = t0.elapsed().as_secs_f64();
         let images_per_s = seen as f64 / train_time.max(1e-9);
 
-        // Checkpoints first, then the CSV row: a row always has its checkpoint.
+        // The epoch's row goes into the checkpoint's history, then the checkpoints, then the CSV
+        // (rebuilt whole), then the Keras weights: a failure at any point (a full disk) leaves a
+        // CSV with one row per checkpointed epoch, or a checkpoint that can rebuild it.
         let val_loss = validation.as_ref().map(|v| v.loss);
         let improved = match (val_loss, best) {
             (Some(v), Some(b)) => v < b,
@@ -477,6 +569,16 @@ pub fn fit(
         if improved {
             best = val_loss;
         }
+        let row = results_row(
+            epoch,
+            train_loss,
+            validation.as_ref(),
+            settings.lr,
+            epoch_time,
+            images_per_s,
+            labels.len(),
+        );
+        history.push(row);
         let meta = CheckpointMeta {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
@@ -490,49 +592,24 @@ pub fn fit(
             val_loss,
             best_val_loss: best,
             settings: serde_json::to_value(settings)?,
+            history: history.clone(),
+            tensors_sha256: None,
         };
         let state = adam.state();
         checkpoint::save(&last_path, &meta, &vs, &state)?;
         if improved {
             checkpoint::save(&run_dir.join(BEST), &meta, &vs, &state)?;
+        }
+        write_results(&csv_path, &labels, &history)?;
+        if improved {
             let name = match val_loss {
                 Some(v) => format!("val_loss{v:.3}.hdf5"),
                 None => format!("loss{train_loss:.3}.hdf5"),
             };
-            keras::save_weights(&vs, &settings.weights_dir.join(name))?;
+            keras::save_weights(&vs, &settings.weights_dir.join(name)).with_context(|| {
+                format!("epoch {epoch} is checkpointed in {}", last_path.display())
+            })?;
         }
-
-        let mut row = vec![
-            epoch.to_string(),
-            format!("{train_loss:.6}"),
-            csv_opt(val_loss),
-            csv_opt(validation.as_ref().map(|v| metrics::micro_f1(&v.counts))),
-            csv_opt(
-                validation
-                    .as_ref()
-                    .and_then(|v| metrics::macro_f1(&v.counts)),
-            ),
-            format!("{}", settings.lr),
-            format!("{epoch_time:.3}"),
-            format!("{images_per_s:.2}"),
-        ];
-        for l in 0..labels.len() {
-            match &validation {
-                Some(v) => {
-                    let c = &v.counts[l];
-                    row.extend([
-                        format!("{:.6}", c.precision()),
-                        format!("{:.6}", c.recall()),
-                        format!("{:.6}", c.f1()),
-                        c.support().to_string(),
-                    ]);
-                }
-                None => row.extend(std::iter::repeat_n(String::new(), 4)),
-            }
-        }
-        writeln!(csv, "{}", row.join(","))
-            .and_then(|_| csv.sync_data())
-            .with_context(|| format!("cannot write {}", csv_path.display()))?;
         print_epoch(
             epoch,
             settings.epochs,
@@ -550,6 +627,43 @@ pub fn fit(
         summary.best_val_loss = best;
     }
     Ok(summary)
+}
+
+/// One `results.csv` row (see [`csv_header`]).
+fn results_row(
+    epoch: usize,
+    train_loss: f64,
+    validation: Option<&Validation>,
+    lr: f64,
+    epoch_time: f64,
+    images_per_s: f64,
+    n_labels: usize,
+) -> String {
+    let mut row = vec![
+        epoch.to_string(),
+        format!("{train_loss:.6}"),
+        csv_opt(validation.map(|v| v.loss)),
+        csv_opt(validation.map(|v| metrics::micro_f1(&v.counts))),
+        csv_opt(validation.and_then(|v| metrics::macro_f1(&v.counts))),
+        format!("{lr}"),
+        format!("{epoch_time:.3}"),
+        format!("{images_per_s:.2}"),
+    ];
+    for l in 0..n_labels {
+        match validation {
+            Some(v) => {
+                let c = &v.counts[l];
+                row.extend([
+                    format!("{:.6}", c.precision()),
+                    format!("{:.6}", c.recall()),
+                    format!("{:.6}", c.f1()),
+                    c.support().to_string(),
+                ]);
+            }
+            None => row.extend(std::iter::repeat_n(String::new(), 4)),
+        }
+    }
+    row.join(",")
 }
 
 #[allow(clippy::too_many_arguments)]
