@@ -88,7 +88,10 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 drop_connect: args.drop_connect,
                 init: args.init,
                 precision: args.precision.unwrap_or(Precision::default_for(device)),
-                channels_last: channels_last(args.memory_format.unwrap_or(MemoryFormat::Auto), device),
+                channels_last: channels_last(
+                    args.memory_format.unwrap_or(MemoryFormat::Auto),
+                    device,
+                ),
             };
             let run_dir = match &args.run {
                 Some(name) => args.runs_dir.join(name),

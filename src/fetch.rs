@@ -111,10 +111,12 @@ impl Client {
                 break;
             }
             match self.agent.get(&current).timeout(remaining).call() {
-                Ok(resp) if (300..400).contains(&resp.status()) => match redirect_target(&current, &resp) {
-                    Ok(next) => current = next,
-                    Err(e) => return (Err(e), None),
-                },
+                Ok(resp) if (300..400).contains(&resp.status()) => {
+                    match redirect_target(&current, &resp) {
+                        Ok(next) => current = next,
+                        Err(e) => return (Err(e), None),
+                    }
+                }
                 Ok(resp) => return (read_body(resp), None),
                 Err(ureq::Error::Status(code, resp)) => {
                     let retry_after = resp
@@ -173,9 +175,9 @@ pub fn retry_wait(retry_after: Option<Duration>, backoff: Duration, attempt: u32
 
 /// Where a 3xx answer points, resolved against the request's address; only http and https.
 fn redirect_target(current: &str, resp: &ureq::Response) -> Result<String, FetchError> {
-    let location = resp.header("Location").ok_or_else(|| {
-        FetchError::Refused(format!("HTTP {} without a Location", resp.status()))
-    })?;
+    let location = resp
+        .header("Location")
+        .ok_or_else(|| FetchError::Refused(format!("HTTP {} without a Location", resp.status())))?;
     let next = url::Url::parse(current)
         .and_then(|base| base.join(location))
         .map_err(|e| FetchError::Refused(format!("bad redirect to '{location}': {e}")))?;
@@ -301,7 +303,8 @@ impl ApiItem {
         let number = |k: &str| -> Result<String> {
             let t = text(k)?;
             let numeric = t.parse::<f64>().is_ok_and(f64::is_finite)
-                && t.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+                && t.bytes()
+                    .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
             if !numeric {
                 bail!("API item field '{k}' is not a number: {v}");
             }
@@ -793,7 +796,9 @@ mod tests {
             assert!(dest_path(out, folder, file).is_err(), "{folder}/{file}");
         }
         let item = |id: &str, pid: &str, x: serde_json::Value| {
-            ApiItem::parse(&json!({"id": id, "pid": pid, "page": 1, "x": x, "y": 2, "w": 3, "h": 4}))
+            ApiItem::parse(
+                &json!({"id": id, "pid": pid, "page": 1, "x": x, "y": 2, "w": 3, "h": 4}),
+            )
         };
         assert!(item("a", "1", json!(1.5)).is_ok());
         assert!(item("../../../x", "1", json!(1)).is_err());

@@ -172,7 +172,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = lock_dir(dir.path(), "trainer fit").unwrap();
         let err = format!("{:#}", lock_dir(dir.path(), "trainer fit").err().unwrap());
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         drop(first);
         lock_dir(dir.path(), "trainer fit").unwrap();
     }
@@ -185,7 +188,10 @@ mod tests {
         std::fs::write(dir.path().join("notes.tmp"), b"user file").unwrap();
         let young = remove_stale_temporaries(dir.path(), std::time::Duration::from_secs(3600));
         assert_eq!(young, 0);
-        assert_eq!(remove_stale_temporaries(dir.path(), std::time::Duration::ZERO), 1);
+        assert_eq!(
+            remove_stale_temporaries(dir.path(), std::time::Duration::ZERO),
+            1
+        );
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -33,6 +33,17 @@ fn jpeg() -> Vec<u8> {
     std::fs::read(&files[0]).unwrap()
 }
 
+/// The JPEG with its frame header claiming 65000 x 65000 pixels.
+fn bomb(jpeg: &[u8]) -> Vec<u8> {
+    let mut bytes = jpeg.to_vec();
+    let sof = bytes
+        .windows(2)
+        .position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1]))
+        .unwrap();
+    bytes[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
+    bytes
+}
+
 fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
     let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -145,6 +156,50 @@ fn handle(
                 b"<html><body>Service temporarily unavailable</body></html>",
             ),
             "stall" => std::thread::sleep(Duration::from_secs(4)),
+            "redirect_file" => respond(
+                &mut stream,
+                "302 Found",
+                &[("Location", "file:///etc/passwd".into())],
+                b"",
+            ),
+            "redirect_ok" => respond(
+                &mut stream,
+                "301 Moved Permanently",
+                &[(
+                    "Location",
+                    "/iiif/moved/R0000001/full/,256/0/default.jpg".into(),
+                )],
+                b"",
+            ),
+            "redirect_loop" => respond(
+                &mut stream,
+                "302 Found",
+                &[("Location", path.to_string())],
+                b"",
+            ),
+            "retry_forever" => respond(
+                &mut stream,
+                "503 Service Unavailable",
+                &[("Retry-After", "999999".into())],
+                b"",
+            ),
+            "huge" => respond(
+                &mut stream,
+                "200 OK",
+                &[("Content-Length", "100000000000".into())],
+                b"",
+            ),
+            "bomb" => respond(&mut stream, "200 OK", &[], &bomb(&body)),
+            "drip" => {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes());
+                for b in body.iter().take(40) {
+                    if stream.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
             _ => respond(
                 &mut stream,
                 "200 OK",
@@ -407,4 +462,199 @@ fn metadata_rows_land_in_their_label_folders() {
         &["--metadata", csv.to_str().unwrap(), "--limit", "3"],
     );
     assert!(ok && stderr.contains("saved 0, skipped 3"), "{stderr}");
+}
+
+/// Every file under `dir`, recursively, relative to it.
+fn all_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hostile_answers_are_refused_and_nothing_lands_outside_out() {
+    let mut pool = items(
+        "h",
+        1,
+        &[
+            "redirect_ok",
+            "redirect_file",
+            "redirect_loop",
+            "drip",
+            "huge",
+            "bomb",
+        ],
+    );
+    for (id, pid) in [
+        ("../../../escape", "1"),
+        ("/tmp/abs", "1"),
+        ("ok_id", "../../x"),
+        ("ok2", "/etc"),
+    ] {
+        pool.push(
+            serde_json::json!({"id": id, "pid": pid, "page": 1, "x": 1, "y": 2, "w": 3, "h": 4,
+            "graphictags": [{"tagname": "h"}]}),
+        );
+    }
+    pool.push(
+        serde_json::json!({"id": "inj", "pid": "1", "page": 1, "x": "1/../../admin", "y": 2,
+        "w": 3, "h": 4, "graphictags": [{"tagname": "h"}]}),
+    );
+    let server = serve(HashMap::from([("h".to_string(), pool)]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a/b/data");
+    let start = std::time::Instant::now();
+    let args = [
+        "--tag",
+        "h",
+        "--count",
+        "20",
+        "--size",
+        "12",
+        "--timeout",
+        "1",
+        "--retries",
+        "1",
+        "--patience",
+        "1",
+        "--jobs",
+        "4",
+    ];
+    let (ok, stderr) = fetch(&server, &out, &args);
+    assert!(!ok, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    let files = all_files(dir.path());
+    assert_eq!(
+        files,
+        [
+            "a/b/data/fetch.csv",
+            "a/b/data/h/h_0.jpg",
+            "a/b/data/h/h_redirect_ok.jpg"
+        ],
+        "{stderr}"
+    );
+    let log = std::fs::read_to_string(out.join("fetch.csv")).unwrap();
+    let status = |id: &str| -> String {
+        let rows: Vec<csv::StringRecord> = csv::Reader::from_reader(log.as_bytes())
+            .records()
+            .map(|r| r.unwrap())
+            .filter(|r| &r[0] == id)
+            .collect();
+        assert_eq!(rows.len(), 1, "{id}:\n{log}");
+        rows[0][6].to_string()
+    };
+    assert!(
+        status("h_redirect_file").contains("only http and https are followed"),
+        "{log}"
+    );
+    assert!(
+        status("h_redirect_loop").contains("more than 5 redirects"),
+        "{log}"
+    );
+    assert!(status("h_drip").contains("failed after 1 retries"), "{log}");
+    assert!(status("h_huge").contains("over the limit"), "{log}");
+    assert!(status("h_bomb").contains("65000x65000"), "{log}");
+    assert!(stderr.contains("unsafe id or pid"), "{stderr}");
+    assert!(stderr.contains("'x' is not a number"), "{stderr}");
+    assert!(stderr.contains("stopped short of --count 20"), "{stderr}");
+
+    // A tag or a metadata label that is a path never becomes one.
+    let (ok, stderr) = fetch(&server, &out, &["--tag", "../../evil", "--count", "1"]);
+    assert!(!ok && stderr.contains("--tag '../../evil'"), "{stderr}");
+    let csv = dir.path().join("m.csv");
+    std::fs::write(
+        &csv,
+        "file,label,path,title,url,iiif\nx.jpg,..,p,t,u,http://127.0.0.1:1/iiif/1/R1/full/full/0/default.jpg\n\
+         ../y.jpg,stamp,p,t,u,http://127.0.0.1:1/iiif/1/R1/full/full/0/default.jpg\n",
+    )
+    .unwrap();
+    let (ok, stderr) = fetch(&server, &out, &["--metadata", csv.to_str().unwrap()]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("row 2: skipped: unsafe name '..'"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("row 3: skipped: unsafe name '../y.jpg'"),
+        "{stderr}"
+    );
+    assert_eq!(
+        all_files(dir.path()).len(),
+        4,
+        "{:?}",
+        all_files(dir.path())
+    );
+}
+
+#[test]
+fn a_huge_retry_after_is_capped_and_ctrl_c_interrupts_the_wait() {
+    let server = serve(HashMap::from([(
+        "r".to_string(),
+        items("r", 0, &["retry_forever"]),
+    )]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("data");
+    let child = common::trainer()
+        .args([
+            "fetch",
+            "--out",
+            out.to_str().unwrap(),
+            "--api-base",
+            &format!("{}/api", server.base),
+            "--iiif-base",
+            &format!("{}/iiif", server.base),
+            "--tag",
+            "r",
+            "--count",
+            "1",
+            "--delay-ms",
+            "0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while server.state.lock().unwrap().image_requests == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no image request"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "Ctrl-C took {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(trainer::fetch::MAX_WAIT, Duration::from_secs(60));
 }

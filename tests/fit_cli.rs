@@ -141,6 +141,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
         thresholds: best.thresholds.clone(),
         image_size: 64,
         description: String::new(),
+        path: hdf5.clone(),
     };
     let (a, _) = predict_all(&best);
     let (b, _) = predict_all(&from_keras);

@@ -191,7 +191,10 @@ pub fn read_bgr(path: &Path) -> Result<Bgr8, DecodeError> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(DecodeError::Invalid {
             path: name(),
-            reason: format!("{} bytes, more than the limit of {MAX_FILE_BYTES}", meta.len()),
+            reason: format!(
+                "{} bytes, more than the limit of {MAX_FILE_BYTES}",
+                meta.len()
+            ),
         });
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
@@ -215,7 +218,9 @@ mod tests {
 
     /// A small image whose every pixel differs, so any wrong transform shows.
     fn pattern(w: u32, h: u32) -> image::RgbImage {
-        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 40) as u8, (y * 60) as u8, 128]))
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 40) as u8, (y * 60) as u8, 128])
+        })
     }
 
     fn jpeg_of(img: &image::RgbImage) -> Vec<u8> {
@@ -315,8 +320,13 @@ mod tests {
     #[test]
     fn decompression_bombs_are_refused_from_the_header() {
         let bomb = claiming(&jpeg_of(&pattern(8, 8)), 65000, 65000);
-        let err = decode_bgr(&bomb, Path::new("bomb.jpg")).unwrap_err().to_string();
-        assert!(err.contains("bomb.jpg") && err.contains("65000x65000"), "{err}");
+        let err = decode_bgr(&bomb, Path::new("bomb.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bomb.jpg") && err.contains("65000x65000"),
+            "{err}"
+        );
         assert!(err.contains("--max-pixels"), "{err}");
 
         let mut png = Vec::new();
@@ -328,7 +338,12 @@ mod tests {
         png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
         let crc = crc32fast::hash(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
-        let err = decode_bgr(&png, Path::new("bomb.png")).unwrap_err().to_string();
-        assert!(err.contains("bomb.png") && err.contains("100000x100000"), "{err}");
+        let err = decode_bgr(&png, Path::new("bomb.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bomb.png") && err.contains("100000x100000"),
+            "{err}"
+        );
     }
 }

@@ -104,11 +104,7 @@ impl CheckpointMeta {
                 labels.len()
             ));
         }
-        if let Some(t) = self
-            .thresholds
-            .iter()
-            .find(|t| !(0.0..=1.0).contains(*t))
-        {
+        if let Some(t) = self.thresholds.iter().find(|t| !(0.0..=1.0).contains(*t)) {
             return Err(format!("thresholds holds {t}, outside [0, 1]"));
         }
         self.preprocessing.validate()?;
@@ -228,10 +224,10 @@ fn write_named(path: &Path, meta: &CheckpointMeta, named: &[(String, Tensor)]) -
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let mut meta = meta.clone();
     meta.version = VERSION;
-    meta.tensors_sha256 = Some(tensors_sha256(
-        raw.iter()
-            .map(|(k, shape, bytes)| (k.as_str(), shape.as_slice(), bytes.as_slice())),
-    ));
+    meta.tensors_sha256 =
+        Some(tensors_sha256(raw.iter().map(|(k, shape, bytes)| {
+            (k.as_str(), shape.as_slice(), bytes.as_slice())
+        })));
     let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(&meta)?)]);
     let bytes = safetensors::serialize(views, &Some(info))?;
     write_atomic(path, &bytes)
@@ -281,11 +277,8 @@ impl Checkpoint {
         }
         match &meta.tensors_sha256 {
             Some(expected) => {
-                let actual = tensors_sha256(
-                    views
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.shape(), v.data())),
-                );
+                let actual =
+                    tensors_sha256(views.iter().map(|(k, v)| (k.as_str(), v.shape(), v.data())));
                 if &actual != expected {
                     bail!("{shown}: the tensors do not match their checksum; the file is damaged");
                 }
