@@ -366,7 +366,8 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     for (p, bytes) in snapshot {
         assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
     }
-    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 6);
+    // val.txt, settings.json, results.csv, results.png, last.ckpt, best.ckpt and the lock file.
+    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 7);
 }
 
 #[test]
