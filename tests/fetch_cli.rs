@@ -275,18 +275,6 @@ fn all_whole_images(dir: &Path) -> usize {
     n
 }
 
-fn jpgs(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[test]
 fn fetches_exactly_n_per_tag_and_a_second_run_downloads_nothing() {
     let pools = HashMap::from([
@@ -310,8 +298,12 @@ fn fetches_exactly_n_per_tag_and_a_second_run_downloads_nothing() {
     ];
     let (ok, stderr) = fetch(&server, &out, &args);
     assert!(ok, "{stderr}");
-    assert_eq!(jpgs(&out.join("stamp")).len(), 5, "{stderr}");
-    assert_eq!(jpgs(&out.join("graphic_map")).len(), 5, "{stderr}");
+    assert_eq!(common::file_names(&out.join("stamp")).len(), 5, "{stderr}");
+    assert_eq!(
+        common::file_names(&out.join("graphic_map")).len(),
+        5,
+        "{stderr}"
+    );
     all_whole_images(&out);
     let first = server.state.lock().unwrap().image_requests;
     assert!(first >= 10);
@@ -322,7 +314,10 @@ fn fetches_exactly_n_per_tag_and_a_second_run_downloads_nothing() {
         "{log}"
     );
 
-    let before = (jpgs(&out.join("stamp")), jpgs(&out.join("graphic_map")));
+    let before = (
+        common::file_names(&out.join("stamp")),
+        common::file_names(&out.join("graphic_map")),
+    );
     let (ok, stderr) = fetch(&server, &out, &args);
     assert!(ok, "{stderr}");
     assert_eq!(
@@ -331,7 +326,10 @@ fn fetches_exactly_n_per_tag_and_a_second_run_downloads_nothing() {
         "the second run downloaded images"
     );
     assert_eq!(
-        (jpgs(&out.join("stamp")), jpgs(&out.join("graphic_map"))),
+        (
+            common::file_names(&out.join("stamp")),
+            common::file_names(&out.join("graphic_map"))
+        ),
         before
     );
     assert!(stderr.contains("saved 0"), "{stderr}");
@@ -366,13 +364,16 @@ fn server_faults_are_retried_or_logged_and_never_leave_partial_files() {
     ];
     let (ok, stderr) = fetch(&server, &out, &args);
     assert!(!ok, "failures must show in the exit status:\n{stderr}");
-    let saved = jpgs(&out.join("faults"));
+    let saved = common::file_names(&out.join("faults"));
     assert_eq!(
         saved,
         ["faults_0.jpg", "faults_429once.jpg", "faults_500once.jpg"],
         "{stderr}"
     );
-    assert_eq!(jpgs(&out.join("unknown")), ["faults_untagged.jpg"]);
+    assert_eq!(
+        common::file_names(&out.join("unknown")),
+        ["faults_untagged.jpg"]
+    );
     assert_eq!(all_whole_images(&out), 4);
     let log = std::fs::read_to_string(out.join("fetch.csv")).unwrap();
     let rows: Vec<csv::StringRecord> = csv::Reader::from_reader(log.as_bytes())
@@ -445,7 +446,7 @@ fn metadata_rows_land_in_their_label_folders() {
         .flatten()
         .filter(|e| e.path().is_dir())
     {
-        for f in jpgs(&label.path()) {
+        for f in common::file_names(&label.path()) {
             found.push((f, label.file_name().to_string_lossy().into_owned()));
         }
     }

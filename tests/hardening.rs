@@ -60,18 +60,6 @@ fn infer(dir: &Path, weights: &Path, input: &Path, extra: &[&str]) -> Output {
     run(dir, &args)
 }
 
-fn json_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// A JPEG whose frame header claims `w` x `h` pixels (a few hundred bytes on disk).
 fn jpeg_bomb(w: u16, h: u16) -> Vec<u8> {
     let mut bytes = std::fs::read(a_jpeg()).unwrap();
@@ -195,7 +183,7 @@ fn loose_images_and_a_subfolder_of_the_same_name_are_refused_before_any_work() {
         err.contains("loose images and its subfolder scans/ would both be written to scans.json"),
         "{err}"
     );
-    assert!(json_files(&dir.path().join("out")).is_empty());
+    assert!(common::file_names(&dir.path().join("out")).is_empty());
 }
 
 /// A freshly initialised tagger (NDL labels), written as a checkpoint with `edit` applied to its
@@ -325,7 +313,7 @@ fn edited_checkpoint_metadata_is_refused_with_the_field_name() {
             assert!(!err.contains("panicked"), "{err}");
         }
     }
-    assert_eq!(json_files(&dir.path().join("out")), ["book.json"]);
+    assert_eq!(common::file_names(&dir.path().join("out")), ["book.json"]);
     assert!(!dir.path().join("eval_out").exists());
 }
 
@@ -372,7 +360,7 @@ fn nan_weights_are_refused_naming_the_file_and_tensor() {
         err.contains("nan.ckpt: tensor") && err.contains("top_conv") && err.contains("not finite"),
         "{err}"
     );
-    assert!(json_files(&dir.path().join("out")).is_empty());
+    assert!(common::file_names(&dir.path().join("out")).is_empty());
 
     // The same weights as a Keras file.
     let vs = nn::VarStore::new(Device::Cpu);

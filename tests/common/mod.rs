@@ -75,3 +75,16 @@ pub fn assert_drawn_png(path: &std::path::Path, size: (u32, u32)) {
         path.display()
     );
 }
+
+/// The names of the entries of `dir`, sorted (none when it does not exist).
+pub fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
