@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod plots;
 pub mod progress;
+pub mod runtime;
 pub mod train;
