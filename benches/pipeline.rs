@@ -10,6 +10,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 use trainer::data::augment::{augment, Augment};
 use trainer::data::decode::load_resized;
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
+use trainer::model::LoadedModel;
 use trainer::train::adam::Adam;
 
 fn images() -> Vec<PathBuf> {
@@ -30,6 +31,8 @@ fn images() -> Vec<PathBuf> {
 }
 
 fn main() {
+    // As the binary does at start-up.
+    trainer::runtime::tune_allocator();
     let threads = tch::get_num_threads();
     let paths = images();
     let mut rows: Vec<(String, String, f64)> = Vec::new();
@@ -71,6 +74,27 @@ fn main() {
         1.0 / (1.0 / decode + 1.0 / aug),
     ));
     tch::set_num_threads(threads);
+
+    // Inference forward passes as `infer` runs them, batch 64.
+    let keras = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/keras-oracle/ndl_b0_model.hdf5");
+    let keras = std::env::var_os("TRAINER_SHARED")
+        .map(|s| PathBuf::from(s).join("fixtures/keras-oracle/ndl_b0_model.hdf5"))
+        .unwrap_or(keras);
+    let model = LoadedModel::load(&keras, Device::Cpu).expect("the oracle model");
+    let n = 64.min(cache.len());
+    let pixels: Vec<u8> = cache[..n].concat();
+    let _ = model.predict(&pixels, n);
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        let _ = model.predict(&pixels, n);
+    }
+    let fwd = (3 * n) as f64 / t0.elapsed().as_secs_f64();
+    rows.push((
+        format!("inference forward, batch {n}, as infer runs it"),
+        threads.to_string(),
+        fwd,
+    ));
 
     // Training steps at batch 48, 224x224, fp32 on CPU.
     tch::manual_seed(0);

@@ -129,6 +129,47 @@ impl Module for SameConv {
     }
 }
 
+/// Batch-norm, or nothing once it was folded into the convolution before it.
+fn norm(x: Tensor, bn: &nn::BatchNorm, folded: bool, train: bool) -> Tensor {
+    if folded {
+        x
+    } else {
+        x.apply_t(bn, train)
+    }
+}
+
+/// Folds an evaluation-mode batch-norm into the convolution before it: the kernel is scaled per
+/// output channel by gamma / sqrt(var + eps) and the bias becomes beta - mean * that scale. New
+/// tensors replace the convolution's (the VarStore keeps the original ones), in the kernel's
+/// memory order.
+fn fold(conv: &mut SameConv, bn: &nn::BatchNorm) {
+    tch::no_grad(|| {
+        let scale = (&bn.running_var + BN_EPS).rsqrt();
+        let scale = match &bn.ws {
+            Some(gamma) => gamma * scale,
+            None => scale,
+        };
+        let shift = -(&bn.running_mean * &scale);
+        let shift = match &bn.bs {
+            Some(beta) => shift + beta,
+            None => shift,
+        };
+        let ws = &conv.conv.ws;
+        let cl = ws.dim() == 4 && ws.stride()[1] == 1 && ws.size()[1] > 1;
+        let folded = ws * scale.view([-1, 1, 1, 1]);
+        conv.conv.ws = if cl {
+            // Channels-last, still indexed as NCHW.
+            folded.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            folded.contiguous()
+        };
+        conv.conv.bs = Some(match &conv.conv.bs {
+            Some(b) => b * &scale + shift,
+            None => shift,
+        });
+    });
+}
+
 fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
     let cfg = nn::BatchNormConfig {
         eps: BN_EPS,
@@ -151,6 +192,8 @@ pub struct MbConv {
     project_bn: nn::BatchNorm,
     residual: bool,
     drop_rate: f64,
+    /// The batch-norms are folded into the convolutions (evaluation only).
+    folded: bool,
 }
 
 impl MbConv {
@@ -198,6 +241,7 @@ impl MbConv {
             project_bn: batch_norm(p("project_bn"), args.output_filters),
             residual: stride == 1 && c_in == args.output_filters,
             drop_rate,
+            folded: false,
         }
     }
 }
@@ -216,20 +260,35 @@ pub fn drop_connect(xs: &Tensor, rate: f64, train: bool) -> Tensor {
     xs * mask / keep
 }
 
+impl MbConv {
+    fn fold_batch_norms(&mut self) {
+        if let Some((conv, bn)) = &mut self.expand {
+            fold(conv, bn);
+        }
+        fold(&mut self.dwconv, &self.bn);
+        fold(&mut self.project_conv, &self.project_bn);
+        self.folded = true;
+    }
+}
+
 impl ModuleT for MbConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let f = self.folded;
         let mut x = match &self.expand {
-            Some((conv, bn)) => swish(&xs.apply(conv).apply_t(bn, train)),
+            Some((conv, bn)) => swish(&norm(xs.apply(conv), bn, f, train)),
             None => xs.shallow_clone(),
         };
-        x = swish(&x.apply(&self.dwconv).apply_t(&self.bn, train));
+        x = swish(&norm(x.apply(&self.dwconv), &self.bn, f, train));
         let se = x.adaptive_avg_pool2d([1, 1]);
         let se = swish(&se.apply(&self.se_reduce))
             .apply(&self.se_expand)
             .sigmoid();
-        x = (x * se)
-            .apply(&self.project_conv)
-            .apply_t(&self.project_bn, train);
+        x = norm(
+            (x * se).apply(&self.project_conv),
+            &self.project_bn,
+            f,
+            train,
+        );
         if self.residual {
             x = drop_connect(&x, self.drop_rate, train) + xs;
         }
@@ -250,6 +309,7 @@ pub struct Tagger {
     dense: nn::Linear,
     dense_1: nn::Linear,
     dense_2: nn::Linear,
+    folded: bool,
 }
 
 /// Keras block names and their drop-connect rates in order: `block1a`, `block2a`, `block2b`, ...
@@ -298,7 +358,23 @@ impl Tagger {
             dense: nn::linear(root / "dense", TOP_FILTERS, HEAD_WIDTH, lin),
             dense_1: nn::linear(root / "dense_1", HEAD_WIDTH, HEAD_WIDTH, lin),
             dense_2: nn::linear(root / "dense_2", HEAD_WIDTH, config.num_classes, lin),
+            folded: false,
         }
+    }
+
+    /// For inference only: folds every batch-norm into the convolution before it, which saves
+    /// one pass over each activation (the same outputs within float rounding). Training this
+    /// model afterwards is an error.
+    pub fn fold_batch_norms(&mut self) {
+        if self.folded {
+            return;
+        }
+        fold(&mut self.stem_conv, &self.stem_bn);
+        for block in &mut self.blocks {
+            block.fold_batch_norms();
+        }
+        fold(&mut self.top_conv, &self.top_bn);
+        self.folded = true;
     }
 
     pub fn blocks(&self) -> &[MbConv] {
@@ -307,11 +383,13 @@ impl Tagger {
 
     /// The pooled 1280-wide features of the backbone.
     pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut x = swish(&xs.apply(&self.stem_conv).apply_t(&self.stem_bn, train));
+        assert!(!(train && self.folded), "a model with folded batch-norms cannot train");
+        let f = self.folded;
+        let mut x = swish(&norm(xs.apply(&self.stem_conv), &self.stem_bn, f, train));
         for block in &self.blocks {
             x = x.apply_t(block, train);
         }
-        x = swish(&x.apply(&self.top_conv).apply_t(&self.top_bn, train));
+        x = swish(&norm(x.apply(&self.top_conv), &self.top_bn, f, train));
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
     }
 }
@@ -370,6 +448,32 @@ mod tests {
             model.forward_t(&Tensor::zeros([2, 3, 64, 48], tch::kind::FLOAT_CPU), false)
         });
         assert_eq!(out.size(), [2, 11]);
+    }
+
+    #[test]
+    fn folded_batch_norms_give_the_same_outputs() {
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut model = Tagger::new(&vs.root(), TaggerConfig::default());
+        // Batch-norm statistics and affine parameters far from the identity.
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                if name.contains("running_var") {
+                    v.copy_(&(v.rand_like() + 0.5));
+                } else if name.contains("running_mean") || name.contains("bn.bias") {
+                    v.copy_(&(v.rand_like() - 0.5));
+                } else if name.contains("bn.weight") {
+                    v.copy_(&(v.rand_like() + 0.5));
+                }
+            }
+        });
+        let x = Tensor::rand([3, 3, 64, 48], tch::kind::FLOAT_CPU);
+        let before = tch::no_grad(|| model.forward_t(&x, false));
+        model.fold_batch_norms();
+        let after = tch::no_grad(|| model.forward_t(&x, false));
+        let diff = (&before - &after).abs().max().double_value(&[]);
+        let scale = before.abs().max().double_value(&[]);
+        assert!(diff <= 1e-4 * scale.max(1.0), "{diff} (outputs up to {scale})");
     }
 
     #[test]

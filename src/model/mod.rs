@@ -65,7 +65,7 @@ impl LoadedModel {
             num_classes: taxonomy.labels.len() as i64,
             ..Default::default()
         };
-        let net = Tagger::new(&vs.root(), config);
+        let mut net = Tagger::new(&vs.root(), config);
         let report = keras::load(path, &vs)?;
         if !report.head_loaded {
             bail!(
@@ -78,6 +78,7 @@ impl LoadedModel {
         let thresholds = vec![DEFAULT_INFER_THRESHOLD; taxonomy.labels.len()];
         // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
         crate::train::amp::vars_to_channels_last(&vs);
+        net.fold_batch_norms();
         Ok(LoadedModel {
             vs,
             net,
@@ -98,11 +99,12 @@ impl LoadedModel {
             num_classes: meta.taxonomy.labels.len() as i64,
             drop_connect: meta.drop_connect,
         };
-        let net = Tagger::new(&vs.root(), config);
+        let mut net = Tagger::new(&vs.root(), config);
         ckpt.load_model(&vs, path)?;
         check_finite(&vs, path)?;
         // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
         crate::train::amp::vars_to_channels_last(&vs);
+        net.fold_batch_norms();
         Ok(LoadedModel {
             vs,
             net,
