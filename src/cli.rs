@@ -126,6 +126,11 @@ pub struct EvalArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
+    /// Forward-pass precision. fp32 (the default) gives the original's outputs; bf16 autocast is
+    /// faster on GPUs and on CPUs with AVX512-BF16 or AMX, and moves probabilities by up to about
+    /// 0.01 (see the README).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::train::amp::Precision>,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +281,10 @@ pub struct InferArgs {
     /// Folder for the JSON files (created if missing).
     #[arg(long, short = 'o')]
     pub output: PathBuf,
+    /// Tag every folder again, also those whose JSON file already exists (by default they are
+    /// left as they are, so running a stopped job again continues it).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Report labels whose probability is above this (0 lists every label). Default: the
     /// model's own thresholds (0.4 for Keras files, as the original).
     #[arg(long, value_parser = parse_threshold, allow_negative_numbers = true)]
@@ -286,6 +295,11 @@ pub struct InferArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
+    /// Forward-pass precision. fp32 (the default) gives the original's outputs; bf16 autocast is
+    /// faster on GPUs and on CPUs with AVX512-BF16 or AMX, and moves probabilities by up to about
+    /// 0.01 (see the README).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::train::amp::Precision>,
 }
 
 fn parse_threshold(s: &str) -> Result<f32, String> {

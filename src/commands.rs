@@ -17,15 +17,27 @@ use crate::train::fit::{self, FitSettings};
 /// `trainer infer`.
 pub fn infer(args: InferArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let model = load_for_inference(&args.weights, device)?;
-    eprintln!("model: {}", model.description);
+    let mut model = load_for_inference(&args.weights, device)?;
+    model.precision = args.precision.unwrap_or(Precision::Fp32);
+    eprintln!(
+        "model: {}, {}",
+        model.description,
+        format!("{:?}", model.precision).to_lowercase()
+    );
     let opts = InferOptions {
         input: args.input,
         output: args.output,
         threshold: args.threshold,
         batch_size: args.batch_size as usize,
+        overwrite: args.overwrite,
     };
     let s = infer::run(&model, &opts)?;
+    if s.folders_done_before > 0 {
+        eprintln!(
+            "left out {} folder(s) whose JSON file already exists (--overwrite tags them again)",
+            s.folders_done_before
+        );
+    }
     let rate = s.images_tagged as f64 / s.seconds.max(1e-9);
     eprintln!(
         "tagged {} images, skipped {}, {} JSON files in {} ({:.1} s, {:.1} images/s on {})",
@@ -135,8 +147,13 @@ fn channels_last(m: MemoryFormat, device: tch::Device) -> bool {
 /// `trainer eval`.
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let model = load_for_inference(&args.weights, device)?;
-    eprintln!("model: {}", model.description);
+    let mut model = load_for_inference(&args.weights, device)?;
+    model.precision = args.precision.unwrap_or(Precision::Fp32);
+    eprintln!(
+        "model: {}, {}",
+        model.description,
+        format!("{:?}", model.precision).to_lowercase()
+    );
     let output = args.output.clone().unwrap_or_else(|| {
         args.weights
             .parent()

@@ -14,13 +14,27 @@ use crate::fsutil::write_atomic;
 use crate::model::LoadedModel;
 use crate::progress;
 
-/// One output file: the images of one input folder.
+/// One output file: the images of one input folder. Its files are listed only when it is tagged,
+/// so memory does not grow with the number of folders' images.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Folder {
     /// The JSON file's name without `.json`: the subfolder's name (the book's PID).
     pub name: String,
-    /// Files in the folder, sorted by name.
-    pub files: Vec<PathBuf>,
+    /// Where its images are: a subfolder of the input, or the input itself for the loose images.
+    pub dir: PathBuf,
+    /// How many files it held when discovered (for the progress bar).
+    pub count: usize,
+}
+
+impl Folder {
+    /// Its files, sorted by name: every entry but folders (a broken link or a pipe is then
+    /// reported by path when it is read).
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        Ok(sorted_entries(&self.dir)?
+            .into_iter()
+            .filter(|p| !p.is_dir())
+            .collect())
+    }
 }
 
 /// Settings of one `infer` run.
@@ -31,12 +45,16 @@ pub struct InferOptions {
     /// One threshold for every label; `None` uses the model's own.
     pub threshold: Option<f32>,
     pub batch_size: usize,
+    /// Tag folders whose JSON file already exists too (otherwise they are left as they are).
+    pub overwrite: bool,
 }
 
 /// What an `infer` run did.
 #[derive(Debug, Default)]
 pub struct InferSummary {
     pub folders_written: usize,
+    /// Folders left out because their JSON file already exists (without `--overwrite`).
+    pub folders_done_before: usize,
     pub images_tagged: usize,
     /// Files that could not be used, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
@@ -70,31 +88,40 @@ pub fn discover(input: &Path) -> Result<Vec<Folder>> {
         );
     }
     let mut folders = Vec::new();
-    let mut loose = Vec::new();
+    let mut loose = 0;
     for entry in sorted_entries(input)? {
         if entry.is_dir() {
-            // Everything but folders: a broken link or a pipe is then reported by path.
-            let files = sorted_entries(&entry)?
-                .into_iter()
-                .filter(|p| !p.is_dir())
-                .collect();
             let name = entry
                 .file_name()
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            folders.push(Folder { name, files });
+            let mut folder = Folder {
+                name,
+                dir: entry,
+                count: 0,
+            };
+            folder.count = folder.files()?.len();
+            folders.push(folder);
         } else {
-            loose.push(entry);
+            loose += 1;
         }
     }
-    if !loose.is_empty() {
+    if loose > 0 {
         let canonical = input.canonicalize().unwrap_or_else(|_| input.to_path_buf());
         let name = canonical
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "images".into());
-        folders.insert(0, Folder { name, files: loose });
+        let dir = input.to_path_buf();
+        folders.insert(
+            0,
+            Folder {
+                name,
+                dir,
+                count: loose,
+            },
+        );
     }
     check_distinct_names(input, &folders)?;
     Ok(folders)
@@ -106,7 +133,7 @@ fn check_distinct_names(input: &Path, folders: &[Folder]) -> Result<()> {
     let mut seen = std::collections::HashMap::new();
     for (i, folder) in folders.iter().enumerate() {
         if let Some(first) = seen.insert(folder.name.as_str(), i) {
-            let loose = first == 0 && folders[0].files.iter().any(|f| f.parent() == Some(input));
+            let loose = first == 0 && folders[0].dir == input;
             if loose {
                 bail!(
                     "{}: its loose images and its subfolder {}/ would both be written to {}.json; move the loose images into a subfolder of their own",
@@ -205,10 +232,86 @@ impl serde_json::ser::Formatter for PythonFormatter {
     }
 }
 
-/// A decoded batch: for each file, its index in the flat list and either pixels or an error.
-type Decoded = Vec<(usize, Result<Vec<u8>, String>)>;
+/// What the decoding thread hands to the model, in folder order.
+enum Item {
+    /// An image of folder `folder` (an index into the folders being tagged), decoded or not.
+    Image {
+        folder: usize,
+        path: PathBuf,
+        pixels: Result<Vec<u8>, String>,
+    },
+    /// Every image of folder `folder` came before this.
+    End { folder: usize },
+    /// The folder could not be listed.
+    Failed { folder: usize, reason: String },
+}
 
-/// Tags every folder under `opts.input` and writes `opts.output/<name>.json` for each.
+/// True when `output/<name>.json` exists and is a whole JSON object (files are written atomically,
+/// so one that parses is one a finished run wrote).
+fn already_tagged(output: &Path, folder: &Folder) -> bool {
+    let path = output.join(format!("{}.json", folder.name));
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|v| v.is_object())
+}
+
+/// Lists and decodes the folders' images on all cores, `batch` images at a time, ahead of the
+/// model (two batches at most wait in the channel, so memory is bounded by the batch).
+fn decode_folders(
+    folders: Vec<Folder>,
+    size: usize,
+    batch: usize,
+    tx: mpsc::SyncSender<Vec<Item>>,
+) {
+    let send = |mut items: Vec<Item>| {
+        items.par_iter_mut().for_each(|item| {
+            if let Item::Image { path, pixels, .. } = item {
+                *pixels = load_resized(path, size).map_err(|e| e.to_string());
+            }
+        });
+        tx.send(items).is_ok()
+    };
+    let mut pending = Vec::new();
+    let mut images = 0;
+    for (index, folder) in folders.iter().enumerate() {
+        if progress::interrupted() {
+            return;
+        }
+        let files = match folder.files() {
+            Ok(f) => f,
+            Err(e) => {
+                pending.push(Item::Failed {
+                    folder: index,
+                    reason: format!("{e:#}"),
+                });
+                continue;
+            }
+        };
+        for path in files {
+            pending.push(Item::Image {
+                folder: index,
+                path,
+                pixels: Err(String::new()),
+            });
+            images += 1;
+            if images == batch {
+                if !send(std::mem::take(&mut pending)) || progress::interrupted() {
+                    return;
+                }
+                images = 0;
+            }
+        }
+        pending.push(Item::End { folder: index });
+    }
+    if !pending.is_empty() {
+        send(pending);
+    }
+}
+
+/// Tags every folder under `opts.input` and writes `opts.output/<name>.json` for each. Folders
+/// whose JSON file already exists are left out unless `opts.overwrite`, so a stopped run is
+/// continued by running it again.
 pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     let start = Instant::now();
     let folders = discover(&opts.input)?;
@@ -222,115 +325,140 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
         .with_context(|| format!("cannot create output folder {}", opts.output.display()))?;
     // What a killed run left half-written (a running one writes each file in well under this).
     crate::fsutil::remove_stale_temporaries(&opts.output, std::time::Duration::from_secs(600));
-    let thresholds = match opts.threshold {
-        Some(t) => vec![t; model.taxonomy.labels.len()],
-        None => model.thresholds.clone(),
-    };
-    let files: Vec<(usize, PathBuf)> = folders
-        .iter()
-        .enumerate()
-        .flat_map(|(i, f)| f.files.iter().map(move |p| (i, p.clone())))
-        .collect();
-    let mut remaining: Vec<usize> = folders.iter().map(|f| f.files.len()).collect();
-    let mut results: Vec<Map<String, Value>> = vec![Map::new(); folders.len()];
     let mut summary = InferSummary::default();
-    let bar = progress::bar(files.len() as u64, "images");
+    let (todo, done): (Vec<Folder>, Vec<Folder>) = folders
+        .into_iter()
+        .partition(|f| opts.overwrite || !already_tagged(&opts.output, f));
+    summary.folders_done_before = done.len();
+    let total: usize = todo.iter().map(|f| f.count).sum();
+    let bar = progress::bar(total as u64, "images");
     bar.set_prefix("infer");
 
-    // Empty folders are written at once, as `{}`.
-    for (i, folder) in folders.iter().enumerate() {
-        if folder.files.is_empty() {
-            write_folder(&opts.output, folder, &results[i])?;
-            summary.folders_written += 1;
+    let (tx, rx) = mpsc::sync_channel::<Vec<Item>>(2);
+    let (size, batch) = (model.image_size, opts.batch_size.max(1));
+    let folders = todo.clone();
+    let producer = std::thread::spawn(move || decode_folders(folders, size, batch, tx));
+    let mut tagger = Tagger::new(model, opts);
+    let mut result = Ok(());
+    for items in rx {
+        if progress::interrupted() {
+            break;
+        }
+        result = tagger.tag(items, &todo, &mut summary, &bar);
+        if result.is_err() {
+            break;
+        }
+    }
+    summary.interrupted = progress::interrupted();
+    drop(tagger);
+    if producer.join().is_err() {
+        bail!("the decoding thread failed");
+    }
+    result?;
+    bar.finish_and_clear();
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// The model side of `run`: predicts each decoded batch and writes a folder's JSON file when its
+/// last image is done. Only the folders in progress are held in memory.
+struct Tagger<'a> {
+    model: &'a LoadedModel,
+    opts: &'a InferOptions,
+    thresholds: Vec<f32>,
+    open: std::collections::HashMap<usize, Map<String, Value>>,
+}
+
+impl<'a> Tagger<'a> {
+    fn new(model: &'a LoadedModel, opts: &'a InferOptions) -> Self {
+        let thresholds = match opts.threshold {
+            Some(t) => vec![t; model.taxonomy.labels.len()],
+            None => model.thresholds.clone(),
+        };
+        Tagger {
+            model,
+            opts,
+            thresholds,
+            open: Default::default(),
         }
     }
 
-    let size = model.image_size;
-    let batch = opts.batch_size.max(1);
-    let (tx, rx) = mpsc::sync_channel::<Decoded>(2);
-    let paths: Vec<PathBuf> = files.iter().map(|(_, p)| p.clone()).collect();
-    let producer = std::thread::spawn(move || {
-        for (chunk_index, chunk) in paths.chunks(batch).enumerate() {
-            if progress::interrupted() {
-                break;
-            }
-            let decoded: Decoded = chunk
-                .par_iter()
-                .enumerate()
-                .map(|(j, p)| {
-                    (
-                        chunk_index * batch + j,
-                        load_resized(p, size).map_err(|e| e.to_string()),
-                    )
-                })
-                .collect();
-            if tx.send(decoded).is_err() {
-                break;
-            }
-        }
-    });
-
-    for decoded in rx {
-        if progress::interrupted() {
-            summary.interrupted = true;
-            break;
-        }
-        let mut pixels = Vec::with_capacity(decoded.len() * size * size * 3);
-        let mut ok = Vec::with_capacity(decoded.len());
-        for (index, result) in decoded.iter() {
-            match result {
-                Ok(p) => {
-                    pixels.extend_from_slice(p);
-                    ok.push(*index);
+    fn tag(
+        &mut self,
+        items: Vec<Item>,
+        folders: &[Folder],
+        summary: &mut InferSummary,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let size = self.model.image_size;
+        let mut pixels = Vec::new();
+        let mut ok = Vec::new();
+        for item in &items {
+            if let Item::Image {
+                folder,
+                path,
+                pixels: p,
+            } = item
+            {
+                match p {
+                    Ok(p) => {
+                        pixels.extend_from_slice(p);
+                        ok.push((*folder, path));
+                    }
+                    Err(reason) => {
+                        bar.suspend(|| eprintln!("skipped {reason}"));
+                        summary.skipped.push((path.clone(), reason.clone()));
+                    }
                 }
-                Err(reason) => {
-                    bar.suspend(|| eprintln!("skipped {reason}"));
-                    summary
-                        .skipped
-                        .push((files[*index].1.clone(), reason.clone()));
-                }
+                bar.inc(1);
             }
         }
+        debug_assert_eq!(pixels.len(), ok.len() * size * size * 3);
         let probs = if ok.is_empty() {
             Vec::new()
         } else {
-            model.predict(&pixels, ok.len())?
+            self.model.predict(&pixels, ok.len())?
         };
-        let n_labels = model.taxonomy.labels.len();
-        for (k, index) in ok.iter().enumerate() {
-            let (folder, path) = &files[*index];
+        let labels = &self.model.taxonomy.labels;
+        for (k, (folder, path)) in ok.into_iter().enumerate() {
             let stem = path
                 .file_stem()
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
             let value = tags(
-                &probs[k * n_labels..(k + 1) * n_labels],
-                &model.taxonomy.labels,
-                &thresholds,
+                &probs[k * labels.len()..(k + 1) * labels.len()],
+                labels,
+                &self.thresholds,
             );
-            if results[*folder].insert(stem.clone(), value).is_some() {
+            if self
+                .open
+                .entry(folder)
+                .or_default()
+                .insert(stem.clone(), value)
+                .is_some()
+            {
                 bar.suspend(|| eprintln!("warning: {}: another file in this folder has the stem '{stem}'; the last one is kept", path.display()));
             }
             summary.images_tagged += 1;
         }
-        for (index, _) in decoded.iter() {
-            let folder = files[*index].0;
-            remaining[folder] -= 1;
-            if remaining[folder] == 0 {
-                write_folder(&opts.output, &folders[folder], &results[folder])?;
-                summary.folders_written += 1;
+        for item in items {
+            match item {
+                Item::End { folder } => {
+                    let result = self.open.remove(&folder).unwrap_or_default();
+                    write_folder(&self.opts.output, &folders[folder], &result)?;
+                    summary.folders_written += 1;
+                }
+                Item::Failed { folder, reason } => {
+                    let dir = &folders[folder].dir;
+                    bar.suspend(|| eprintln!("skipped folder {}: {reason}", dir.display()));
+                    summary.skipped.push((dir.clone(), reason));
+                }
+                Item::Image { .. } => {}
             }
         }
-        bar.inc(decoded.len() as u64);
+        Ok(())
     }
-    if progress::interrupted() {
-        summary.interrupted = true;
-    }
-    producer.join().expect("decoding thread panicked");
-    bar.finish_and_clear();
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
 }
 
 fn write_folder(output: &Path, folder: &Folder, result: &Map<String, Value>) -> Result<()> {
@@ -397,9 +525,11 @@ mod tests {
         let folders = discover(&input).unwrap();
         let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["scans", "a1", "b2"]);
-        assert!(folders[1].files.is_empty());
+        assert_eq!(folders[1].count, 0);
+        assert_eq!((folders[0].count, folders[2].count), (1, 2));
         let files: Vec<String> = folders[2]
-            .files
+            .files()
+            .unwrap()
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into())
             .collect();

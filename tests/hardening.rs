@@ -97,7 +97,7 @@ fn decompression_bombs_are_skipped_by_path_and_the_job_goes_on() {
         dir.path(),
         &keras_model(),
         &dir.path().join("in"),
-        &["--max-pixels", "1000"],
+        &["--max-pixels", "1000", "--overwrite"],
     );
     let err = stderr(&out);
     assert!(err.contains("tagged 0 images, skipped 2"), "{err}");

@@ -202,3 +202,146 @@ fn wrong_weights_files_are_refused_with_the_reason() {
     let err = infer_error(&common::oracle().join("b0_notop_weights.h5"));
     assert!(err.contains("only the backbone"), "{err}");
 }
+
+/// The number in "tagged N images" of an infer summary.
+fn tagged(stderr: &str) -> usize {
+    let at = stderr.find("tagged ").expect("a summary line") + "tagged ".len();
+    stderr[at..].split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_stopped_library_run_continues_without_tagging_twice_or_missing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let pages: Vec<std::path::PathBuf> = std::fs::read_dir(common::sample().join("books/1054192"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let (folders, per_folder) = (40, 3);
+    for f in 0..folders {
+        let book = input.join(format!("pid{f:03}"));
+        std::fs::create_dir_all(&book).unwrap();
+        for i in 0..per_folder {
+            let page = &pages[(f * per_folder + i) % pages.len()];
+            std::fs::copy(page, book.join(format!("p{i}.jpg"))).unwrap();
+        }
+    }
+    let weights = common::oracle().join("ndl_b0_model.hdf5");
+    let infer = |out: &str| {
+        let mut c = common::trainer();
+        c.current_dir(dir.path())
+            .args(["infer", "--device", "cpu", "--batch-size", "2", "--weights"])
+            .arg(&weights)
+            .args(["--input", "in", "--output", out]);
+        c
+    };
+    let reference = infer("ref").output().unwrap();
+    assert!(reference.status.success());
+
+    // Stopped with Ctrl-C once the first folders are written.
+    let child = infer("out")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("out");
+    let start = std::time::Instant::now();
+    while common::file_names(&out).len() < 3 {
+        assert!(start.elapsed().as_secs() < 60, "no folder was written");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let first = child.wait_with_output().unwrap();
+    let first_err = String::from_utf8_lossy(&first.stderr).into_owned();
+    let written = common::file_names(&out);
+    assert!(written.iter().all(|n| n.ends_with(".json")), "{written:?}");
+    for name in &written {
+        assert_eq!(
+            read_json(&out.join(name)),
+            read_json(&dir.path().join("ref").join(name))
+        );
+    }
+
+    // Run again: only the folders not written are tagged, and everything ends up there.
+    let second = infer("out").output().unwrap();
+    let second_err = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(second.status.success(), "{second_err}");
+    assert_eq!(
+        tagged(&second_err),
+        (folders - written.len()) * per_folder,
+        "first run:\n{first_err}\nsecond run:\n{second_err}"
+    );
+    if written.len() < folders {
+        assert!(
+            second_err.contains(&format!("left out {} folder(s)", written.len())),
+            "{second_err}"
+        );
+    }
+    assert_eq!(
+        common::file_names(&out),
+        common::file_names(&dir.path().join("ref"))
+    );
+    for name in common::file_names(&out) {
+        assert_eq!(
+            read_json(&out.join(&name)),
+            read_json(&dir.path().join("ref").join(&name))
+        );
+    }
+
+    // --overwrite tags every folder again.
+    let third = infer("out").arg("--overwrite").output().unwrap();
+    assert_eq!(
+        tagged(&String::from_utf8_lossy(&third.stderr)),
+        folders * per_folder
+    );
+}
+
+#[test]
+fn bf16_is_opt_in_and_gives_probabilities_close_to_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = common::oracle().join("ndl_b0_model.hdf5");
+    let run = |precision: &str| {
+        let out = common::trainer()
+            .args([
+                "infer",
+                "--device",
+                "cpu",
+                "--threshold",
+                "0",
+                "--precision",
+                precision,
+            ])
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--input")
+            .arg(common::sample().join("labelled"))
+            .arg("--output")
+            .arg(dir.path().join(precision))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains(&format!(", {precision}")), "{err}");
+    };
+    run("fp32");
+    run("bf16");
+    let (mut sum, mut n) = (0.0, 0);
+    for name in common::file_names(&dir.path().join("fp32")) {
+        let a = read_json(&dir.path().join("fp32").join(&name));
+        let b = read_json(&dir.path().join("bf16").join(&name));
+        for (image, tags) in a.as_object().unwrap() {
+            let (ta, tb) = (tag_map(tags), tag_map(&b[image]));
+            assert_eq!(ta.len(), 11);
+            for (label, p) in ta {
+                sum += (p - tb[&label]).abs();
+                n += 1;
+            }
+        }
+    }
+    let mean = sum / n as f64;
+    assert_eq!(n, 36 * 11);
+    assert!(mean > 0.0 && mean < 0.05, "mean |bf16 - fp32| = {mean}");
+}

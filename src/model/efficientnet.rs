@@ -159,7 +159,10 @@ fn fold(conv: &mut SameConv, bn: &nn::BatchNorm) {
         let folded = ws * scale.view([-1, 1, 1, 1]);
         conv.conv.ws = if cl {
             // Channels-last, still indexed as NCHW.
-            folded.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+            folded
+                .permute([0, 2, 3, 1])
+                .contiguous()
+                .permute([0, 3, 1, 2])
         } else {
             folded.contiguous()
         };
@@ -383,7 +386,10 @@ impl Tagger {
 
     /// The pooled 1280-wide features of the backbone.
     pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        assert!(!(train && self.folded), "a model with folded batch-norms cannot train");
+        assert!(
+            !(train && self.folded),
+            "a model with folded batch-norms cannot train"
+        );
         let f = self.folded;
         let mut x = swish(&norm(xs.apply(&self.stem_conv), &self.stem_bn, f, train));
         for block in &self.blocks {
@@ -473,7 +479,10 @@ mod tests {
         let after = tch::no_grad(|| model.forward_t(&x, false));
         let diff = (&before - &after).abs().max().double_value(&[]);
         let scale = before.abs().max().double_value(&[]);
-        assert!(diff <= 1e-4 * scale.max(1.0), "{diff} (outputs up to {scale})");
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{diff} (outputs up to {scale})"
+        );
     }
 
     #[test]

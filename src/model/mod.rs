@@ -30,6 +30,8 @@ pub struct LoadedModel {
     pub description: String,
     /// The weights file.
     pub path: std::path::PathBuf,
+    /// Forward-pass precision (fp32 unless the user opts into bf16 or fp16 autocast).
+    pub precision: crate::train::amp::Precision,
 }
 
 const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
@@ -87,6 +89,7 @@ impl LoadedModel {
             image_size: DEFAULT_IMAGE_SIZE,
             description: format!("{} ({report})", path.display()),
             path: path.to_path_buf(),
+            precision: crate::train::amp::Precision::Fp32,
         })
     }
 
@@ -117,6 +120,7 @@ impl LoadedModel {
                 meta.epoch
             ),
             path: path.to_path_buf(),
+            precision: crate::train::amp::Precision::Fp32,
         })
     }
 
@@ -124,11 +128,24 @@ impl LoadedModel {
     /// probability that is not a finite number is an error naming the weights file.
     pub fn predict(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
         let s = self.image_size as i64;
-        let pixels = Tensor::from_slice(pixels)
-            .view([n as i64, s, s, 3])
-            .to_device(self.vs.device());
+        let pixels = Tensor::from_slice(pixels).view([n as i64, s, s, 3]);
+        let device = self.vs.device();
+        // On CUDA: from page-locked memory, without waiting for the copy.
+        let pixels = if device.is_cuda() {
+            pixels
+                .pin_memory(device)
+                .to_device_(device, tch::Kind::Uint8, true, false)
+        } else {
+            pixels
+        };
         let x = crate::train::amp::channels_last(&crate::data::augment::to_input(&pixels));
-        let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&self.net, &x, false).sigmoid());
+        let probs = tch::no_grad(|| {
+            crate::train::amp::autocast(self.precision, device, || {
+                tch::nn::ModuleT::forward_t(&self.net, &x, false)
+            })
+            .to_kind(tch::Kind::Float)
+            .sigmoid()
+        });
         let probs = Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))?;
         if probs.iter().any(|p| !p.is_finite()) {
             bail!(
