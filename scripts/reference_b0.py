@@ -2,7 +2,7 @@
 """PyTorch reference for scripts/bench-gpu: the same EfficientNet-B0 + head and training step as
 `trainer fit` (TF "same" padding, BN eps 1e-3 / momentum 0.01, swish, SE, drop-connect 0.2,
 Dense 512 -> Dense 512 relu -> Dense 11, BCE with logits, Adam lr 1e-4), on a synthetic batch
-resident on the GPU, in eager fp32, its fastest eager settings (bf16 autocast + channels-last +
+resident on the GPU (or on the CPU with --device cpu), in eager fp32, its fastest eager settings (bf16 autocast + channels-last +
 fused Adam) and torch.compile of the latter. Prints one `mode batch images/s` line per run."""
 import argparse
 import math
@@ -75,20 +75,21 @@ class Tagger(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def bench(mode, batch, steps, warmup):
+def bench(mode, batch, steps, warmup, device="cuda"):
     torch.manual_seed(0)
-    model = Tagger().cuda().train()
+    model = Tagger().to(device).train()
     fast = mode != "eager-fp32"
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-7, fused=fast)
-    x = torch.rand(batch, 3, 224, 224, device="cuda")
+    x = torch.rand(batch, 3, 224, 224, device=device)
     if fast:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, 11, device="cuda") > 0.5).float()
+    y = (torch.rand(batch, 11, device=device) > 0.5).float()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=fast):
             logits = model(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -99,11 +100,11 @@ def bench(mode, batch, steps, warmup):
         step = torch.compile(step)
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     return batch * steps / (time.perf_counter() - t0)
 
 
@@ -112,12 +113,15 @@ def main():
     ap.add_argument("--batches", default="48,256")
     ap.add_argument("--modes", default="eager-fp32,eager-bf16-cl-fused,compile")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--device", default="cuda", help="cuda or cpu")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     for mode in args.modes.split(","):
         for batch in map(int, args.batches.split(",")):
-            warmup = 15 if mode == "compile" else 5
-            print(f"{mode} {batch} {bench(mode, batch, args.steps, warmup):.1f}", flush=True)
+            warmup = args.warmup if args.warmup is not None else (15 if mode == "compile" else 5)
+            rate = bench(mode, batch, args.steps, warmup, args.device)
+            print(f"{mode} {batch} {rate:.1f}", flush=True)
 
 
 if __name__ == "__main__":

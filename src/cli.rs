@@ -191,8 +191,8 @@ pub struct FitArgs {
     /// fp32), or fp32. Default: bf16 on CUDA, fp32 on CPU.
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::amp::Precision>,
-    /// Memory order of activations and kernels. Default (auto): channels-last on CUDA, contiguous
-    /// on CPU.
+    /// Memory order of activations and kernels. Default (auto): channels-last, the faster one on
+    /// both CUDA and CPU.
     #[arg(long, value_enum)]
     pub memory_format: Option<MemoryFormat>,
     /// auto, cpu, cuda or cuda:N.

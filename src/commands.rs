@@ -135,10 +135,12 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--memory-format` on a device: auto is channels-last on CUDA.
-fn channels_last(m: MemoryFormat, device: tch::Device) -> bool {
+/// `--memory-format`: auto is channels-last on every device. Measured on a 2-core CPU at batch
+/// 48: 23.5 images/s against 14.4 contiguous with the original augmentations (whose output is
+/// already NHWC), 27.7 against 25.4 without; on CUDA it is what the tensor cores want.
+fn channels_last(m: MemoryFormat, _device: tch::Device) -> bool {
     match m {
-        MemoryFormat::Auto => device.is_cuda(),
+        MemoryFormat::Auto => true,
         MemoryFormat::ChannelsLast => true,
         MemoryFormat::Contiguous => false,
     }
