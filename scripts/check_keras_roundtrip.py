@@ -16,20 +16,9 @@ import sys
 
 import cv2
 import numpy as np
-import efficientnet.tfkeras as efn
-from tensorflow.keras import layers, models
 
-CLASSES = ["graphic", "picture", "graphic_graph", "graphic_map", "graphic_illustcolor", "picture_indoor",
-           "picture_object", "picture_person", "picture_outdoor", "picture_landmark", "stamp"]
-
-
-def original_model():
-    base = efn.EfficientNetB0(include_top=False, weights=None, input_shape=(224, 224, 3))
-    x = layers.GlobalAveragePooling2D()(base.output)
-    x = layers.Dense(512)(x)
-    x = layers.Dense(512, activation="relu")(x)
-    out = layers.Dense(len(CLASSES), activation="sigmoid")(x)
-    return models.Model(base.input, out)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "original"))
+from multiinference import CLASSES, original_model  # noqa: E402
 
 
 def main():

@@ -14,16 +14,26 @@ use crate::model::load_for_inference;
 use crate::train::amp::Precision;
 use crate::train::fit::{self, FitSettings};
 
-/// `trainer infer`.
-pub fn infer(args: InferArgs) -> Result<ExitCode> {
-    let device = args.device.resolve()?;
-    let mut model = load_for_inference(&args.weights, device)?;
-    model.precision = args.precision.unwrap_or(Precision::Fp32);
+/// The model of `infer` and `eval`, in fp32 unless another precision is asked for.
+fn load_model(
+    weights: &std::path::Path,
+    device: tch::Device,
+    precision: Option<Precision>,
+) -> Result<crate::model::LoadedModel> {
+    let mut model = load_for_inference(weights, device)?;
+    model.precision = precision.unwrap_or(Precision::Fp32);
     eprintln!(
         "model: {}, {}",
         model.description,
         format!("{:?}", model.precision).to_lowercase()
     );
+    Ok(model)
+}
+
+/// `trainer infer`.
+pub fn infer(args: InferArgs) -> Result<ExitCode> {
+    let device = args.device.resolve()?;
+    let model = load_model(&args.weights, device, args.precision)?;
     let opts = InferOptions {
         input: args.input,
         output: args.output,
@@ -149,13 +159,7 @@ fn channels_last(m: MemoryFormat, _device: tch::Device) -> bool {
 /// `trainer eval`.
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let mut model = load_for_inference(&args.weights, device)?;
-    model.precision = args.precision.unwrap_or(Precision::Fp32);
-    eprintln!(
-        "model: {}, {}",
-        model.description,
-        format!("{:?}", model.precision).to_lowercase()
-    );
+    let model = load_model(&args.weights, device, args.precision)?;
     let output = args.output.clone().unwrap_or_else(|| {
         args.weights
             .parent()
