@@ -117,9 +117,14 @@ pub struct EvalArgs {
     /// With --calibrate: write the thresholds into the --weights checkpoint itself.
     #[arg(long, requires = "calibrate")]
     pub in_place: bool,
-    /// Write review.csv: per label, the N misclassified images with the largest loss.
-    #[arg(long, default_value_t = 0, value_parser = usize_in(0, 100_000))]
-    pub review: usize,
+    /// Write review.csv: per label, the N false positives and the N false negatives with the
+    /// largest loss (default with --report: 12, else none).
+    #[arg(long, value_parser = usize_in(0, 100_000))]
+    pub review: Option<usize>,
+    /// Write report.html: one self-contained page with the metrics, the pictures and thumbnails
+    /// of the worst mistakes per label (--review of each kind) and of the hierarchy violations.
+    #[arg(long)]
+    pub report: bool,
     /// Images per forward pass (1 to 4096).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: u32,

@@ -156,6 +156,9 @@ fn channels_last(m: MemoryFormat, _device: tch::Device) -> bool {
     }
 }
 
+/// Mistakes shown per label and kind on the report when `--review` is not given.
+const REPORT_REVIEW: usize = 12;
+
 /// `trainer eval`.
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
@@ -175,14 +178,35 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         threshold: args.threshold,
         calibrate: args.calibrate,
         in_place: args.in_place,
-        review: args.review,
+        review: args
+            .review
+            .unwrap_or(if args.report { REPORT_REVIEW } else { 0 }),
         batch_size: args.batch_size as usize,
+        report: args.report,
     };
-    let rep = eval::run(&model, &opts)?;
-    eval::print_report(&rep);
+    let evaluation = eval::run(&model, &opts)?;
+    let rep = &evaluation.report;
+    eval::print_report(rep);
+    if opts.report {
+        let pictures = [
+            ("Precision-recall curves", opts.output.join("pr_curves.png")),
+            ("Confusion", opts.output.join("confusion.png")),
+        ];
+        let page = crate::report::Page {
+            labels: &model.taxonomy.labels,
+            hierarchy: &crate::metrics::implied_parents(&model.taxonomy),
+            data: &opts.data,
+            pictures: &pictures,
+            per_label: opts.review,
+        };
+        let path = opts.output.join("report.html");
+        let shown = crate::report::write(&path, &evaluation, &page)?;
+        eprintln!("report: {} ({shown} thumbnails)", path.display());
+    }
     eprintln!(
-        "wrote eval.json, eval.csv, pr_curves.png, confusion.png{} in {}",
+        "wrote eval.json, eval.csv, pr_curves.png, confusion.png{}{} in {}",
         if opts.review > 0 { ", review.csv" } else { "" },
+        if opts.report { ", report.html" } else { "" },
         opts.output.display()
     );
     if let Some(path) = &rep.calibrated_checkpoint {

@@ -27,9 +27,71 @@ pub struct EvalOptions {
     pub threshold: Option<f32>,
     pub calibrate: bool,
     pub in_place: bool,
-    /// Images per label in `review.csv` (0: no review list).
+    /// Images per label and kind of mistake in `review.csv` and the report (0: no review list).
     pub review: usize,
     pub batch_size: usize,
+    /// Write `report.html`.
+    pub report: bool,
+}
+
+/// A misclassified image worth a second look (it may be mislabelled data rather than a model
+/// error).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Review {
+    /// The label it is wrong about.
+    pub label: usize,
+    /// 1 for the worst of that label.
+    pub rank: usize,
+    /// Predicted without the label (else: the label was missed).
+    pub false_positive: bool,
+    /// Its binary cross-entropy for that label.
+    pub loss: f64,
+    /// Index into the evaluated samples.
+    pub image: usize,
+}
+
+/// What `run` measured, with what the report page needs to show the images.
+pub struct Evaluation {
+    pub report: EvalReport,
+    pub samples: Vec<crate::data::dataset::Sample>,
+    /// Row-major (images x labels).
+    pub probs: Vec<f32>,
+    pub targets: Vec<f32>,
+    pub thresholds: Vec<f32>,
+    pub review: Vec<Review>,
+}
+
+/// Per label, the `n` false positives and the `n` false negatives with the largest loss, worst
+/// first.
+pub fn review_list(probs: &[f32], targets: &[f32], thresholds: &[f32], n: usize) -> Vec<Review> {
+    let n_labels = thresholds.len();
+    let images = probs.len() / n_labels.max(1);
+    let mut out = Vec::new();
+    for (l, &threshold) in thresholds.iter().enumerate() {
+        let mut wrong: Vec<Review> = (0..images)
+            .filter_map(|i| {
+                let (p, t) = (probs[i * n_labels + l], targets[i * n_labels + l] >= 0.5);
+                ((p > threshold) != t).then(|| Review {
+                    label: l,
+                    rank: 0,
+                    false_positive: !t,
+                    loss: -((if t { p } else { 1.0 - p }) as f64).clamp(1e-7, 1.0).ln(),
+                    image: i,
+                })
+            })
+            .collect();
+        wrong.sort_by(|a, b| b.loss.total_cmp(&a.loss));
+        for fp in [true, false] {
+            let kind = wrong.iter().filter(|r| r.false_positive == fp);
+            for (rank, r) in kind.take(n).enumerate() {
+                out.push(Review {
+                    rank: rank + 1,
+                    ..r.clone()
+                });
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -170,7 +232,7 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 /// Runs `eval`: metrics, files, pictures, and optionally calibration.
-pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
+pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
     let labels = model.taxonomy.labels.clone();
     let n_labels = labels.len();
     let mut samples = dataset::open_with(&opts.data, &model.taxonomy)?;
@@ -259,6 +321,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
     };
     plots::confusion(&opts.output.join("confusion.png"), &labels, &co, &note)?;
 
+    let review = review_list(&probs, &targets, &thresholds, opts.review);
     if opts.review > 0 {
         write_review(
             &opts.output.join("review.csv"),
@@ -267,7 +330,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
             &targets,
             &labels,
             &thresholds,
-            opts,
+            &review,
         )?;
     }
 
@@ -295,7 +358,14 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<EvalReport> {
         serde_json::to_string_pretty(&rep)?.as_bytes(),
     )?;
     write_atomic(&opts.output.join("eval.csv"), eval_csv(&rep).as_bytes())?;
-    Ok(rep)
+    Ok(Evaluation {
+        report: rep,
+        samples: cache.samples,
+        probs,
+        targets,
+        thresholds,
+        review,
+    })
 }
 
 /// Writes the calibrated thresholds: into a copy of our checkpoint (or the checkpoint itself with
@@ -377,7 +447,7 @@ fn eval_csv(rep: &EvalReport) -> String {
     s
 }
 
-/// `review.csv`: per label, the `opts.review` misclassified images with the largest loss.
+/// `review.csv`: per label, the false positives and negatives with the largest loss.
 fn write_review(
     path: &Path,
     cache: &ImageCache,
@@ -385,51 +455,36 @@ fn write_review(
     targets: &[f32],
     labels: &[String],
     thresholds: &[f32],
-    opts: &EvalOptions,
+    review: &[Review],
 ) -> Result<()> {
     let n_labels = labels.len();
     let mut out = String::from("label,rank,kind,probability,loss,path,true_labels,predicted\n");
-    for l in 0..n_labels {
-        let mut wrong: Vec<(f64, usize, &str)> = Vec::new();
-        for i in 0..cache.samples.len() {
-            let (p, t) = (probs[i * n_labels + l], targets[i * n_labels + l] >= 0.5);
-            let predicted = p > thresholds[l];
-            if predicted != t {
-                let loss = -((if t { p } else { 1.0 - p }) as f64).clamp(1e-7, 1.0).ln();
-                wrong.push((
-                    loss,
-                    i,
-                    if t {
-                        "false negative"
-                    } else {
-                        "false positive"
-                    },
-                ));
-            }
-        }
-        wrong.sort_by(|a, b| b.0.total_cmp(&a.0));
-        for (rank, (loss, i, kind)) in wrong.into_iter().take(opts.review).enumerate() {
-            let row = &probs[i * n_labels..(i + 1) * n_labels];
-            let truth: Vec<&str> = (0..n_labels)
-                .filter(|&k| targets[i * n_labels + k] >= 0.5)
-                .map(|k| labels[k].as_str())
-                .collect();
-            let predicted: Vec<String> = (0..n_labels)
-                .filter(|&k| row[k] > thresholds[k])
-                .map(|k| format!("{}={:.3}", labels[k], row[k]))
-                .collect();
-            out += &format!(
-                "{},{},{},{:.4},{:.4},{},{},{}\n",
-                labels[l],
-                rank + 1,
-                kind,
-                row[l],
-                loss,
-                crate::fsutil::csv_field(&cache.samples[i].path.display().to_string()),
-                truth.join(";"),
-                predicted.join(";")
-            );
-        }
+    for r in review {
+        let i = r.image;
+        let row = &probs[i * n_labels..(i + 1) * n_labels];
+        let truth: Vec<&str> = (0..n_labels)
+            .filter(|&k| targets[i * n_labels + k] >= 0.5)
+            .map(|k| labels[k].as_str())
+            .collect();
+        let predicted: Vec<String> = (0..n_labels)
+            .filter(|&k| row[k] > thresholds[k])
+            .map(|k| format!("{}={:.3}", labels[k], row[k]))
+            .collect();
+        out += &format!(
+            "{},{},{},{:.4},{:.4},{},{},{}\n",
+            labels[r.label],
+            r.rank,
+            if r.false_positive {
+                "false positive"
+            } else {
+                "false negative"
+            },
+            row[r.label],
+            r.loss,
+            crate::fsutil::csv_field(&cache.samples[i].path.display().to_string()),
+            truth.join(";"),
+            predicted.join(";")
+        );
     }
     write_atomic(path, out.as_bytes())
 }

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod model;
 pub mod plots;
 pub mod progress;
+pub mod report;
 pub mod runtime;
 pub mod train;
