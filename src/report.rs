@@ -124,7 +124,7 @@ pub fn write(path: &Path, ev: &Evaluation, page: &Page) -> Result<usize> {
     html += "</div>";
     violations(&mut html, ev, page, &mut thumbs);
     mistakes(&mut html, ev, page, &mut thumbs);
-    let _ = write!(html, "<script>{SORT_SCRIPT}</script></body></html>\n");
+    let _ = writeln!(html, "<script>{SORT_SCRIPT}</script></body></html>");
     write_atomic(path, html.as_bytes())?;
     Ok(thumbs.shown)
 }
