@@ -20,6 +20,23 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .file("src/shim/amp.cpp")
         .compile("trainer_shim");
+    // The torch build, for `trainer doctor` and the GPU diagnosis: version and CUDA version
+    // ("" for a CPU build), from the wheel's version.py beside lib/.
+    let version_py = std::path::Path::new(&lib).join("../version.py");
+    println!("cargo:rerun-if-changed={}", version_py.display());
+    let text = std::fs::read_to_string(&version_py).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split('\'').nth(1))
+            .unwrap_or("")
+            .to_string()
+    };
+    println!(
+        "cargo:rustc-env=TRAINER_TORCH_BUILD={}",
+        field("__version__")
+    );
+    println!("cargo:rustc-env=TRAINER_TORCH_CUDA={}", field("cuda:"));
     // Applies to every linked target: the binary, unit-test and integration-test executables.
     // The libtorch folder of the torch wheel the build used (a stable per-user cache path).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

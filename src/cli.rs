@@ -32,6 +32,9 @@ pub enum Command {
     /// Download images: random illustrations per tag from the library's API (--tag), or the
     /// NDL-ImageLabel dataset from its metadata.csv (--metadata), through the IIIF Image API.
     Fetch(FetchArgs),
+    /// Print what this binary runs on: the libtorch build, the GPUs and driver (and why libtorch
+    /// cannot use them, if it cannot), CPU features and thread counts. Paste it into bug reports.
+    Doctor,
 }
 
 #[derive(Debug, Args)]

@@ -68,7 +68,7 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
 
 /// `trainer fit`.
 pub fn fit(args: FitArgs) -> Result<ExitCode> {
-    let device = args.device.resolve()?;
+    let device = args.device.resolve_for_training()?;
     let (settings, run_dir, resume) = match &args.resume {
         Some(run_dir) => {
             let ckpt = Checkpoint::read(&run_dir.join(fit::LAST))

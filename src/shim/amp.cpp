@@ -2,6 +2,7 @@
 // multi-tensor (_foreach_*) ops for a Keras-style Adam step. Compiled against the headers of the
 // torch wheel that provides libtorch (see build.rs); plain C entry points for Rust.
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <ATen/autocast_mode.h>
 
 #include <cstring>
@@ -27,6 +28,17 @@ std::vector<at::Tensor> list(at::Tensor** ptrs, int n) {
 }  // namespace
 
 extern "C" {
+
+// libtorch's build configuration (at::show_config) into `out`, cut to `len` bytes; returns the
+// full length.
+int trainer_show_config(char* out, int len) {
+  const std::string config = at::show_config();
+  if (len > 0) {
+    std::strncpy(out, config.c_str(), static_cast<size_t>(len - 1));
+    out[len - 1] = '\0';
+  }
+  return static_cast<int>(config.size());
+}
 
 // Enters autocast on `device` (0 cpu, 1 cuda) with `dtype` (0 float16, 1 bfloat16). Returns the
 // previous enabled state, to give back to trainer_autocast_exit.
