@@ -32,9 +32,32 @@ pub enum Command {
     /// Download images: random illustrations per tag from the library's API (--tag), or the
     /// NDL-ImageLabel dataset from its metadata.csv (--metadata), through the IIIF Image API.
     Fetch(FetchArgs),
+    /// Write the tagger as ONNX or TorchScript for serving stacks (onnxruntime, TensorRT, OpenVINO,
+    /// Triton, PyTorch, C++): uint8 BGR images in, probabilities out.
+    Export(ExportArgs),
     /// Print what this binary runs on: the libtorch build, the GPUs and driver (and why libtorch
     /// cannot use them, if it cannot), CPU features and thread counts. Paste it into bug reports.
     Doctor,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The model: a trainer checkpoint or a Keras HDF5 file, as `infer` takes.
+    #[arg(long, short = 'w')]
+    pub weights: PathBuf,
+    /// onnx or torchscript.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// The file to write (its folder must exist); written atomically.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+/// `export --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Onnx,
+    Torchscript,
 }
 
 #[derive(Debug, Args)]

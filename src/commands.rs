@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{EvalArgs, FetchArgs, FitArgs, InferArgs, MemoryFormat};
+use crate::cli::{EvalArgs, ExportArgs, ExportFormat, FetchArgs, FitArgs, InferArgs, MemoryFormat};
 use crate::device;
 use crate::eval::{self, EvalOptions};
 use crate::fetch::{self, Client, ClientOptions, MetadataFetch, TagFetch};
@@ -212,6 +212,47 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     if let Some(path) = &rep.calibrated_checkpoint {
         eprintln!("calibrated thresholds written to {path}; `trainer infer --weights {path}` applies them");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer export`.
+pub fn export(args: ExportArgs) -> Result<ExitCode> {
+    let folder = args
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !folder.is_dir() {
+        anyhow::bail!(
+            "output folder {} does not exist (export writes one file into an existing folder)",
+            folder.display()
+        );
+    }
+    let mut model = load_for_inference(&args.weights, tch::Device::Cpu)?;
+    // Weights become constants of the exported graph.
+    model.vs.freeze();
+    let meta = crate::model::onnx::Metadata {
+        labels: &model.taxonomy.labels,
+        thresholds: &model.thresholds,
+        image_size: model.image_size,
+    };
+    match args.format {
+        ExportFormat::Onnx => {
+            let bytes = crate::model::onnx::export(&model.vs, &meta)?;
+            crate::fsutil::write_atomic(&args.output, &bytes)?;
+        }
+        ExportFormat::Torchscript => crate::fsutil::write_atomic_path(&args.output, |tmp| {
+            crate::model::torchscript::export(&model, &meta, tmp)
+        })?,
+    }
+    eprintln!(
+        "exported {} as {:?} to {}: input images uint8 [N, {s}, {s}, 3] BGR, output probabilities float32 [N, {}]",
+        model.description,
+        args.format,
+        args.output.display(),
+        model.taxonomy.labels.len(),
+        s = model.image_size
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Fit(args) => trainer::commands::fit(args),
         Command::Eval(args) => trainer::commands::eval(args),
         Command::Fetch(args) => trainer::commands::fetch(args),
+        Command::Export(args) => trainer::commands::export(args),
         Command::Doctor => {
             print!("{}", trainer::doctor::report());
             Ok(ExitCode::SUCCESS)

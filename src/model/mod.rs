@@ -3,6 +3,8 @@
 pub mod checkpoint;
 pub mod efficientnet;
 pub mod keras;
+pub mod onnx;
+pub mod torchscript;
 
 use std::io::Read;
 use std::path::Path;

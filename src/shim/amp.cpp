@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <ATen/autocast_mode.h>
+#include <torch/script.h>
 
 #include <cstring>
 #include <exception>
@@ -28,6 +29,23 @@ std::vector<at::Tensor> list(at::Tensor** ptrs, int n) {
 }  // namespace
 
 extern "C" {
+
+// Re-saves the TorchScript module at `in_path` to `out_path` with extra files (name -> content)
+// that torch.jit.load(..., _extra_files=...) and torch::jit::load read back.
+int trainer_jit_save_with_extra_files(const char* in_path, const char* out_path,
+                                      const char** names, const char** contents, int n,
+                                      char* err, int errlen) {
+  try {
+    auto module = torch::jit::load(in_path);
+    torch::jit::ExtraFilesMap extra;
+    for (int i = 0; i < n; ++i) extra[names[i]] = contents[i];
+    module.save(out_path, extra);
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
 
 // libtorch's build configuration (at::show_config) into `out`, cut to `len` bytes; returns the
 // full length.
