@@ -257,7 +257,8 @@ pub fn drop_connect(xs: &Tensor, rate: f64, train: bool) -> Tensor {
     }
     let keep = 1.0 - rate;
     let n = xs.size()[0];
-    let mask = Tensor::rand([n, 1, 1, 1], (xs.kind(), xs.device()))
+    // Drawn in fp32 as Keras does, also under bf16/fp16 autocast.
+    let mask = Tensor::rand([n, 1, 1, 1], (tch::Kind::Float, xs.device()))
         .ge(rate)
         .to_kind(xs.kind());
     xs * mask / keep

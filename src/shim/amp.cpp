@@ -13,6 +13,8 @@
 namespace {
 at::DeviceType device_type(int device) { return device == 1 ? at::kCUDA : at::kCPU; }
 
+int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : t == at::kBFloat16 ? 1 : 2; }
+
 void copy_error(const std::exception& e, char* err, int len) {
   if (len > 0) {
     std::strncpy(err, e.what(), static_cast<size_t>(len - 1));
@@ -59,19 +61,29 @@ int trainer_show_config(char* out, int len) {
 }
 
 // Enters autocast on `device` (0 cpu, 1 cuda) with `dtype` (0 float16, 1 bfloat16). Returns the
-// previous enabled state, to give back to trainer_autocast_exit.
-int trainer_autocast_enter(int device, int dtype) {
+// previous enabled state and writes the previous dtype, to give back to trainer_autocast_exit.
+int trainer_autocast_enter(int device, int dtype, int* prev_dtype) {
   const auto dt = device_type(device);
   const bool prev = at::autocast::is_autocast_enabled(dt);
+  *prev_dtype = dtype_code(at::autocast::get_autocast_dtype(dt));
   at::autocast::set_autocast_dtype(dt, dtype == 1 ? at::kBFloat16 : at::kHalf);
   at::autocast::set_autocast_enabled(dt, true);
   at::autocast::increment_nesting();
   return prev ? 1 : 0;
 }
 
-void trainer_autocast_exit(int device, int prev) {
+void trainer_autocast_exit(int device, int prev, int prev_dtype) {
+  const auto dt = device_type(device);
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(device_type(device), prev != 0);
+  if (prev_dtype != 2) at::autocast::set_autocast_dtype(dt, prev_dtype == 1 ? at::kBFloat16 : at::kHalf);
+  at::autocast::set_autocast_enabled(dt, prev != 0);
+}
+
+// Whether autocast is enabled on `device`, and its dtype code.
+int trainer_autocast_state(int device, int* dtype) {
+  const auto dt = device_type(device);
+  *dtype = dtype_code(at::autocast::get_autocast_dtype(dt));
+  return at::autocast::is_autocast_enabled(dt) ? 1 : 0;
 }
 
 // One Adam step as Keras computes it, over lists of tensors with multi-tensor kernels:

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Tensor};
 
 extern "C" {
-    fn trainer_autocast_enter(device: c_int, dtype: c_int) -> c_int;
-    fn trainer_autocast_exit(device: c_int, prev: c_int);
+    fn trainer_autocast_enter(device: c_int, dtype: c_int, prev_dtype: *mut c_int) -> c_int;
+    fn trainer_autocast_exit(device: c_int, prev: c_int, prev_dtype: c_int);
+    fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
     fn trainer_foreach_adam(
         params: *const *const CTensorPtr,
         grads: *const *const CTensorPtr,
@@ -57,6 +58,21 @@ impl Precision {
     }
 }
 
+/// Autocast entered on one device type; leaving it (also when the closure panics) restores the
+/// previous enabled state and dtype.
+struct AutocastGuard {
+    device: c_int,
+    prev: c_int,
+    prev_dtype: c_int,
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // SAFETY: balances the enter that made this guard, on the same thread.
+        unsafe { trainer_autocast_exit(self.device, self.prev, self.prev_dtype) };
+    }
+}
+
 /// Runs `f` under autocast in `precision` on `device`'s type (nothing to do for fp32).
 pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> T {
     let dtype = match precision {
@@ -65,11 +81,32 @@ pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) 
         Precision::Bf16 => 1,
     };
     let dev = if device.is_cuda() { 1 } else { 0 };
-    // SAFETY: plain calls into libtorch's thread-local autocast state, balanced below.
-    let prev = unsafe { trainer_autocast_enter(dev, dtype) };
-    let out = f();
-    unsafe { trainer_autocast_exit(dev, prev) };
-    out
+    let mut prev_dtype = 0;
+    // SAFETY: plain calls into libtorch's thread-local autocast state, balanced by the guard.
+    let prev = unsafe { trainer_autocast_enter(dev, dtype, &mut prev_dtype) };
+    let _guard = AutocastGuard {
+        device: dev,
+        prev,
+        prev_dtype,
+    };
+    f()
+}
+
+/// Whether autocast is on for `device`'s type, and its dtype (0 float16, 1 bfloat16, 2 other).
+pub fn autocast_state(device: Device) -> (bool, i32) {
+    let mut dtype = 0;
+    // SAFETY: a read of libtorch's thread-local autocast state.
+    let on = unsafe { trainer_autocast_state(if device.is_cuda() { 1 } else { 0 }, &mut dtype) };
+    (on != 0, dtype)
+}
+
+/// `x` in the run's memory order: channels-last, or plain contiguous NCHW.
+pub fn layout(x: &Tensor, channels_last: bool) -> Tensor {
+    if channels_last {
+        self::channels_last(x)
+    } else {
+        x.contiguous()
+    }
 }
 
 /// The same values in channels-last (NHWC) memory order, still indexed as NCHW.
@@ -207,6 +244,51 @@ impl LossScaler {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn autocast_restores_the_previous_state_and_dtype_even_after_a_panic() {
+        let dev = Device::Cpu;
+        let before = autocast_state(dev);
+        autocast(Precision::Bf16, dev, || {
+            assert_eq!(autocast_state(dev), (true, 1));
+            autocast(Precision::Fp16, dev, || {
+                assert_eq!(autocast_state(dev), (true, 0))
+            });
+            assert_eq!(
+                autocast_state(dev),
+                (true, 1),
+                "the inner exit restored bf16"
+            );
+        });
+        assert_eq!(autocast_state(dev), before);
+        let r = std::panic::catch_unwind(|| autocast(Precision::Bf16, dev, || panic!("boom")));
+        assert!(r.is_err());
+        assert_eq!(autocast_state(dev), before, "a panic left autocast on");
+    }
+
+    #[test]
+    fn contiguous_means_nchw_and_channels_last_means_nhwc() {
+        let pixels = Tensor::zeros([2, 8, 6, 3], (tch::Kind::Uint8, Device::Cpu));
+        let x = crate::data::augment::to_input(&pixels);
+        assert!(layout(&x, false).is_contiguous());
+        assert_eq!(layout(&x, true).stride(), [144, 1, 18, 3]);
+    }
+
+    #[test]
+    fn drop_connect_masks_are_drawn_in_fp32_under_autocast() {
+        let x = Tensor::ones([64, 2, 1, 1], tch::kind::FLOAT_CPU);
+        tch::manual_seed(9);
+        let full = crate::model::efficientnet::drop_connect(&x, 0.3, true).ne(0.0);
+        tch::manual_seed(9);
+        let half =
+            crate::model::efficientnet::drop_connect(&x.to_kind(tch::Kind::BFloat16), 0.3, true)
+                .ne(0.0);
+        assert!(
+            full.equal(&half),
+            "the same samples are kept in bf16 and fp32"
+        );
+    }
+
     use super::*;
     use tch::nn::ModuleT;
     use tch::{nn, Kind, Reduction};

@@ -221,6 +221,7 @@ pub fn evaluate(
     idx: &[i64],
     batch: usize,
     device: Device,
+    channels_last: bool,
 ) -> (Tensor, f64) {
     let mut probs = Vec::new();
     let mut loss_sum = 0.0;
@@ -228,6 +229,7 @@ pub fn evaluate(
         for chunk in idx.chunks(batch.max(1)) {
             let ids = Tensor::from_slice(chunk);
             let x = augment::to_input(&cache.pixels.index_select(0, &ids).to_device(device));
+            let x = amp::layout(&x, channels_last);
             let y = cache.targets.index_select(0, &ids).to_device(device);
             let logits = net.forward_t(&x, false);
             let loss =
@@ -271,6 +273,48 @@ fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy) -> Result<Stri
     Ok(format!("trainer checkpoint, epoch {}", ckpt.meta.epoch))
 }
 
+/// The model (from the previous checkpoint, `--init` or the seed) in the run's memory format, and
+/// Adam with its moments made after the layout change, so each has its parameter's strides (the
+/// multi-tensor kernels keep their fast path only with one layout across the lists). Returns the
+/// first epoch to train and the best validation loss so far.
+pub fn model_and_optimizer(
+    settings: &FitSettings,
+    taxonomy: &Taxonomy,
+    previous: Option<(&Checkpoint, &Path)>,
+    device: Device,
+) -> Result<(nn::VarStore, Tagger, Adam, usize, Option<f64>)> {
+    // The initial weights of what --init does not set come from the seed.
+    tch::manual_seed(settings.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let config = TaggerConfig {
+        num_classes: taxonomy.labels.len() as i64,
+        drop_connect: settings.drop_connect,
+    };
+    let net = Tagger::new(&vs.root(), config);
+    let (mut start_epoch, mut best) = (1, None);
+    if let Some((prev, file)) = previous {
+        prev.load_model(&vs, file)?;
+        start_epoch = prev.meta.epoch + 1;
+        best = prev.meta.best_val_loss;
+    } else if let Some(init) = &settings.init {
+        eprintln!("init: {}", load_init(init, &vs, taxonomy)?);
+    } else {
+        eprintln!(
+            "warning: training from random weights; to start from ImageNet, pass --init with the Keras EfficientNet-B0 \"notop\" file (efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5)"
+        );
+    }
+    if settings.channels_last {
+        amp::vars_to_channels_last(&vs);
+    }
+    let mut adam = Adam::new(&vs, settings.lr);
+    if let Some((prev, _)) = previous {
+        adam.load_state(prev.meta.optimizer_step, |k| {
+            prev.tensors.get(k).map(|t| t.to_device(device))
+        })?;
+    }
+    Ok((vs, net, adam, start_epoch, best))
+}
+
 /// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
 /// comes from its checkpoint, with `epochs` possibly raised by the caller).
 pub fn fit(
@@ -280,6 +324,10 @@ pub fn fit(
     device: Device,
 ) -> Result<FitSummary> {
     settings.validate()?;
+    if device.is_cuda() {
+        // Input shapes are fixed per run: let cuDNN pick its fastest kernels once.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     let last_path = run_dir.join(LAST);
     let previous = if resume {
         let prev = Checkpoint::read(&last_path)
@@ -363,34 +411,17 @@ pub fn fit(
         run_dir.display()
     );
 
-    // Model and optimizer; the initial weights of what --init does not set come from the seed.
-    tch::manual_seed(settings.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let config = TaggerConfig {
-        num_classes: labels.len() as i64,
-        drop_connect: settings.drop_connect,
-    };
-    let net = Tagger::new(&vs.root(), config);
-    let mut adam = Adam::new(&vs, settings.lr);
-    let mut start_epoch = 1;
-    let mut best = None;
+    let (vs, net, mut adam, start_epoch, mut best) = model_and_optimizer(
+        settings,
+        &taxonomy,
+        previous.as_ref().map(|p| (p, last_path.as_path())),
+        device,
+    )?;
     if let Some(prev) = &previous {
-        prev.load_model(&vs, &last_path)?;
-        adam.load_state(prev.meta.optimizer_step, |k| {
-            prev.tensors.get(k).map(|t| t.to_device(device))
-        })?;
-        start_epoch = prev.meta.epoch + 1;
-        best = prev.meta.best_val_loss;
         eprintln!(
             "resuming {} after epoch {}",
             run_dir.display(),
             prev.meta.epoch
-        );
-    } else if let Some(init) = &settings.init {
-        eprintln!("init: {}", load_init(init, &vs, &taxonomy)?);
-    } else {
-        eprintln!(
-            "warning: training from random weights; to start from ImageNet, pass --init with the Keras EfficientNet-B0 \"notop\" file (efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5)"
         );
     }
 
@@ -410,9 +441,6 @@ pub fn fit(
     let stale = std::time::Duration::from_secs(600);
     crate::fsutil::remove_stale_temporaries(&settings.weights_dir, stale);
 
-    if settings.channels_last {
-        amp::vars_to_channels_last(&vs);
-    }
     eprintln!(
         "precision {}, {}",
         format!("{:?}", settings.precision).to_lowercase(),
@@ -496,11 +524,7 @@ pub fn fit(
                 Some(p) => augment::apply(&px, &p.narrow(0, start, len)),
                 None => augment::to_input(&px),
             };
-            let x = if settings.channels_last {
-                amp::channels_last(&x)
-            } else {
-                x
-            };
+            let x = amp::layout(&x, settings.channels_last);
             let y = targets.index_select(0, &ids);
             let logits = amp::autocast(settings.precision, device, || net.forward_t(&x, true));
             let loss = logits
@@ -544,7 +568,14 @@ pub fn fit(
         let train_loss = loss_so_far;
 
         let validation = (!val_idx.is_empty()).then(|| {
-            let (probs, loss) = evaluate(&net, &cache, &val_idx, bs * 2, device);
+            let (probs, loss) = evaluate(
+                &net,
+                &cache,
+                &val_idx,
+                bs * 2,
+                device,
+                settings.channels_last,
+            );
             let t = cache.targets.index_select(0, &Tensor::from_slice(&val_idx));
             let counts = metrics::count(
                 &to_vec(&probs),
@@ -737,4 +768,48 @@ pub fn draw_results(csv: &Path, png: &Path, labels: &[String]) -> Result<()> {
         .map(|l| series(&format!("f1/{l}"), l))
         .collect();
     crate::plots::training_curves(png, &losses, &f1, &per_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adam_moments_have_their_parameters_strides_in_channels_last() {
+        let settings = FitSettings {
+            data: "data".into(),
+            taxonomy: None,
+            weights_dir: "w".into(),
+            seed: 1,
+            val_fraction: 0.1,
+            augment: Augment::None,
+            image_size: 64,
+            lr: 1e-4,
+            batch_size: 4,
+            epochs: 1,
+            drop_connect: 0.2,
+            init: None,
+            precision: Precision::Fp32,
+            channels_last: true,
+        };
+        let (vs, _, adam, _, _) =
+            model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu).unwrap();
+        let state: std::collections::HashMap<String, Tensor> = adam.state().into_iter().collect();
+        let vars = vs.variables();
+        let stem = &vars["stem_conv.weight"];
+        assert_eq!(
+            stem.stride(),
+            [27, 1, 9, 3],
+            "the stem kernel is channels-last"
+        );
+        for (name, p) in &vars {
+            if !p.requires_grad() {
+                continue;
+            }
+            for kind in ["m", "v"] {
+                let moment = &state[&format!("adam.{kind}.{name}")];
+                assert_eq!(moment.stride(), p.stride(), "adam.{kind}.{name}");
+            }
+        }
+    }
 }
