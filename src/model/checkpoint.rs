@@ -176,12 +176,30 @@ fn tensors_sha256<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [
         .collect()
 }
 
-fn to_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
-    let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-    let shape = t.size().iter().map(|&d| d as usize).collect();
-    let values = Vec::<f32>::try_from(t.flatten(0, -1)).expect("float tensor");
-    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    (shape, bytes)
+/// Every tensor as (shape, little-endian f32 bytes), with one device-to-host copy for all of them
+/// (a GPU run's checkpoint is ~750 tensors).
+fn to_bytes(tensors: &[&Tensor]) -> Result<Vec<(Vec<usize>, Vec<u8>)>> {
+    if tensors.is_empty() {
+        return Ok(Vec::new());
+    }
+    let flat: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.detach().to_kind(Kind::Float).contiguous().flatten(0, -1))
+        .collect();
+    let all = Tensor::cat(&flat, 0).to_device(Device::Cpu);
+    let values = Vec::<f32>::try_from(&all)?;
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel();
+        let bytes = values[offset..offset + n]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        out.push((t.size().iter().map(|&d| d as usize).collect(), bytes));
+        offset += n;
+    }
+    Ok(out)
 }
 
 /// Writes a checkpoint atomically.
@@ -206,12 +224,11 @@ pub fn save(
 
 /// Writes named tensors (already prefixed `model.` / `adam.`) and metadata atomically.
 fn write_named(path: &Path, meta: &CheckpointMeta, named: &[(String, Tensor)]) -> Result<()> {
+    let tensors: Vec<&Tensor> = named.iter().map(|(_, t)| t).collect();
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = named
         .iter()
-        .map(|(k, t)| {
-            let (shape, bytes) = to_bytes(t);
-            (k.clone(), shape, bytes)
-        })
+        .zip(to_bytes(&tensors)?)
+        .map(|((k, _), (shape, bytes))| (k.clone(), shape, bytes))
         .collect();
     let views: Vec<(String, TensorView)> = raw
         .iter()

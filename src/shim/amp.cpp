@@ -79,6 +79,12 @@ void trainer_autocast_exit(int device, int prev, int prev_dtype) {
   at::autocast::set_autocast_enabled(dt, prev != 0);
 }
 
+// Drops each tensor's gradient (as PyTorch's zero_grad(set_to_none=True)): the next backward
+// writes fresh gradients instead of adding into zeroed ones.
+void trainer_grads_to_none(at::Tensor** params, int n) {
+  for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+}
+
 // Whether autocast is enabled on `device`, and its dtype code.
 int trainer_autocast_state(int device, int* dtype) {
   const auto dt = device_type(device);

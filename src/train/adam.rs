@@ -39,10 +39,10 @@ impl Adam {
         }
     }
 
+    /// Clears the gradients before a backward pass: set to none, as PyTorch does by default.
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+        let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+        super::amp::grads_to_none(&params);
     }
 
     /// One update from the gradients of the last backward pass.
@@ -158,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_and_plain_give_the_same_weights_after_three_steps() {
+    fn fused_plain_and_grads_set_to_none_give_the_same_weights_after_three_steps() {
         use crate::model::efficientnet::{Tagger, TaggerConfig};
         // The B0 tagger's parameters; each step's gradients are fixed random tensors (the loss
         // sum(p * r) has gradient r), so the two optimizers see the same gradients.
@@ -174,15 +174,21 @@ mod tests {
                     .collect()
             })
             .collect();
-        let run = |fused: bool| {
+        // `none`: gradients set to none between steps; otherwise zeroed in place, as before.
+        let run = |fused: bool, none: bool| {
             let mut vs = nn::VarStore::new(Device::Cpu);
             let _ = Tagger::new(&vs.root(), TaggerConfig::default());
             vs.copy(&init).unwrap();
             let mut opt = Adam::new(&vs, 1e-3);
             opt.fused = fused;
-            let v = vs.variables();
+            let mut v = vs.variables();
             for step in &grads {
-                opt.zero_grad();
+                if none {
+                    opt.zero_grad();
+                    assert!(v.values().all(|t| !t.grad().defined()));
+                } else {
+                    v.values_mut().for_each(|t| t.zero_grad());
+                }
                 let loss = keys
                     .iter()
                     .zip(step)
@@ -193,13 +199,16 @@ mod tests {
             }
             vs
         };
-        let (a, b) = (run(true), run(false));
-        let (va, vb) = (a.variables(), b.variables());
+        let a = run(true, true);
+        let va = a.variables();
         let mut moved = 0.0f64;
-        for (name, t) in &va {
-            let diff = (t - &vb[name]).abs().max().double_value(&[]);
-            assert!(diff <= 1e-6, "{name}: {diff}");
-            moved = moved.max((t - &vars[name]).abs().max().double_value(&[]));
+        for other in [run(false, true), run(true, false)] {
+            let vb = other.variables();
+            for (name, t) in &va {
+                let diff = (t - &vb[name]).abs().max().double_value(&[]);
+                assert!(diff <= 1e-6, "{name}: {diff}");
+                moved = moved.max((t - &vars[name]).abs().max().double_value(&[]));
+            }
         }
         assert!(moved > 1e-3, "the steps moved the weights ({moved})");
     }

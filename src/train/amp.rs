@@ -12,6 +12,7 @@ extern "C" {
     fn trainer_autocast_enter(device: c_int, dtype: c_int, prev_dtype: *mut c_int) -> c_int;
     fn trainer_autocast_exit(device: c_int, prev: c_int, prev_dtype: c_int);
     fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
+    fn trainer_grads_to_none(params: *const *const CTensorPtr, n: c_int);
     fn trainer_foreach_adam(
         params: *const *const CTensorPtr,
         grads: *const *const CTensorPtr,
@@ -195,6 +196,14 @@ pub fn foreach_mul(tensors: &[&Tensor], factor: f64) -> Result<()> {
         )
     };
     check(rc, &err)
+}
+
+/// Drops the gradients of `params` (set to none, not zeroed): no fill kernel per parameter, and
+/// the next backward writes instead of accumulating.
+pub fn grads_to_none(params: &[&Tensor]) {
+    let p = ptrs(params);
+    // SAFETY: an array of live tensor pointers.
+    unsafe { trainer_grads_to_none(p.as_ptr(), p.len() as c_int) };
 }
 
 /// Dynamic loss scaling for fp16: the loss is multiplied by `scale` before backward, gradients are

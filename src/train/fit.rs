@@ -14,7 +14,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 use super::adam::Adam;
 use super::amp::{self, Precision};
 use crate::data::augment::{self, Augment};
-use crate::data::dataset::{self, ImageCache};
+use crate::data::dataset;
 use crate::data::split::split_indices;
 use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::{csv_opt, write_atomic};
@@ -214,34 +214,44 @@ fn relative(root: &Path, path: &Path) -> String {
         .into_owned()
 }
 
-/// Probabilities and mean BCE over the images `idx` of the cache, in eval mode.
+/// Probabilities (on the CPU) and mean BCE over the images `idx` of `pixels` / `targets`, in eval
+/// mode. The batches are gathered where the pixels are (the device copy when it fits), the loss is
+/// summed on the device, and both come back in one read at the end.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     net: &Tagger,
-    cache: &ImageCache,
+    pixels: &Tensor,
+    targets: &Tensor,
     idx: &[i64],
     batch: usize,
     device: Device,
     channels_last: bool,
 ) -> (Tensor, f64) {
     let mut probs = Vec::new();
-    let mut loss_sum = 0.0;
+    let loss_sum = Tensor::zeros([], (Kind::Float, device));
     tch::no_grad(|| {
         for chunk in idx.chunks(batch.max(1)) {
-            let ids = Tensor::from_slice(chunk);
-            let x = augment::to_input(&cache.pixels.index_select(0, &ids).to_device(device));
+            let ids = Tensor::from_slice(chunk).to_device(pixels.device());
+            let x = augment::to_input(&pixels.index_select(0, &ids).to_device(device));
             let x = amp::layout(&x, channels_last);
-            let y = cache.targets.index_select(0, &ids).to_device(device);
+            let y = targets
+                .index_select(0, &ids.to_device(targets.device()))
+                .to_device(device);
             let logits = net.forward_t(&x, false);
             let loss =
                 logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Sum);
-            loss_sum += loss.double_value(&[]);
-            probs.push(logits.sigmoid().to_device(Device::Cpu));
+            let _ = loss_sum.shallow_clone().g_add_(&loss);
+            probs.push(logits.sigmoid());
         }
     });
-    let labels = cache.targets.size()[1] as f64;
+    let labels = targets.size()[1] as f64;
+    let probs = match probs.is_empty() {
+        true => Tensor::zeros([0, targets.size()[1]], (Kind::Float, Device::Cpu)),
+        false => Tensor::cat(&probs, 0).to_device(Device::Cpu),
+    };
     (
-        Tensor::cat(&probs, 0),
-        loss_sum / (idx.len() as f64 * labels).max(1.0),
+        probs,
+        loss_sum.double_value(&[]) / (idx.len() as f64 * labels).max(1.0),
     )
 }
 
@@ -570,7 +580,8 @@ pub fn fit(
         let validation = (!val_idx.is_empty()).then(|| {
             let (probs, loss) = evaluate(
                 &net,
-                &cache,
+                &pixels,
+                &targets,
                 &val_idx,
                 bs * 2,
                 device,
