@@ -114,6 +114,27 @@ int trainer_foreach_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** m
 }
 
 // Multiplies every tensor of a list by `factor` in place (gradient unscaling for fp16).
+// Multiplies every gradient by `inv_scale` and reports whether any holds inf or NaN, in one
+// multi-tensor kernel (what GradScaler.unscale_ does). Writes 1 or 0 to `found`.
+int trainer_unscale_and_check(at::Tensor** grads, int n, double inv_scale, int* found, char* err,
+                              int errlen) {
+  try {
+    at::NoGradGuard no_grad;
+    auto T = list(grads, n);
+    *found = 0;
+    if (T.empty()) return 0;
+    const auto options = at::TensorOptions().dtype(at::kFloat).device(T[0].device());
+    auto found_inf = at::zeros({1}, options);
+    auto inv = at::full({1}, inv_scale, options);
+    at::_amp_foreach_non_finite_check_and_unscale_(T, found_inf, inv);
+    *found = found_inf.item<float>() != 0.0f ? 1 : 0;
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
 int trainer_foreach_mul(at::Tensor** tensors, int n, double factor, char* err, int errlen) {
   try {
     at::NoGradGuard no_grad;

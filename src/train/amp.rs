@@ -13,6 +13,14 @@ extern "C" {
     fn trainer_autocast_exit(device: c_int, prev: c_int, prev_dtype: c_int);
     fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
     fn trainer_grads_to_none(params: *const *const CTensorPtr, n: c_int);
+    fn trainer_unscale_and_check(
+        grads: *const *const CTensorPtr,
+        n: c_int,
+        inv_scale: c_double,
+        found: *mut c_int,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
     fn trainer_foreach_adam(
         params: *const *const CTensorPtr,
         grads: *const *const CTensorPtr,
@@ -206,6 +214,27 @@ pub fn grads_to_none(params: &[&Tensor]) {
     unsafe { trainer_grads_to_none(p.as_ptr(), p.len() as c_int) };
 }
 
+/// Multiplies every tensor by `inv_scale` and says whether any holds inf or NaN, in one
+/// multi-tensor kernel and one read-back.
+pub fn unscale_and_check(grads: &[&Tensor], inv_scale: f64) -> Result<bool> {
+    let p = ptrs(grads);
+    let mut err = [0 as c_char; 512];
+    let mut found = 0;
+    // SAFETY: an array of live tensor pointers; `found` and `err` are locals.
+    let rc = unsafe {
+        trainer_unscale_and_check(
+            p.as_ptr(),
+            p.len() as c_int,
+            inv_scale,
+            &mut found,
+            err.as_mut_ptr(),
+            err.len() as c_int,
+        )
+    };
+    check(rc, &err)?;
+    Ok(found != 0)
+}
+
 /// Dynamic loss scaling for fp16: the loss is multiplied by `scale` before backward, gradients are
 /// unscaled before the step; a step with non-finite gradients is skipped and the scale halved,
 /// and the scale doubles after 2000 good steps (as PyTorch's GradScaler).
@@ -228,14 +257,7 @@ impl LossScaler {
         (loss * self.scale).backward();
         let grads = adam.grads();
         let refs: Vec<&Tensor> = grads.iter().collect();
-        foreach_mul(&refs, 1.0 / self.scale)?;
-        let finite = Tensor::stack(
-            &grads.iter().map(|g| g.isfinite().all()).collect::<Vec<_>>(),
-            0,
-        )
-        .all()
-        .int64_value(&[])
-            != 0;
+        let finite = !unscale_and_check(&refs, 1.0 / self.scale)?;
         if finite {
             adam.step();
             self.good_steps += 1;
@@ -273,6 +295,19 @@ mod tests {
         let r = std::panic::catch_unwind(|| autocast(Precision::Bf16, dev, || panic!("boom")));
         assert!(r.is_err());
         assert_eq!(autocast_state(dev), before, "a panic left autocast on");
+    }
+
+    #[test]
+    fn unscaling_finds_non_finite_gradients_in_one_call() {
+        let a = Tensor::from_slice(&[2.0f32, 4.0]);
+        let b = Tensor::from_slice(&[8.0f32]);
+        assert!(!unscale_and_check(&[&a, &b], 0.5).unwrap());
+        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), [1.0, 2.0]);
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), [4.0]);
+        let c = Tensor::from_slice(&[1.0f32, f32::INFINITY]);
+        assert!(unscale_and_check(&[&a, &c], 1.0).unwrap());
+        let d = Tensor::from_slice(&[f32::NAN]);
+        assert!(unscale_and_check(&[&d], 1.0).unwrap());
     }
 
     #[test]
