@@ -113,7 +113,26 @@ int trainer_foreach_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** m
   }
 }
 
-// Multiplies every tensor of a list by `factor` in place (gradient unscaling for fp16).
+// PyTorch's fused Adam kernel (one launch for every parameter on CUDA). Each entry of `steps` is
+// incremented first (as torch.optim.Adam does) and the kernel applies bias correction with it;
+// with eps = eps_keras / sqrt(1 - beta2^t) its update is exactly Keras's.
+int trainer_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** m, at::Tensor** v,
+                       at::Tensor** steps, int n, double lr, double beta1, double beta2, double eps,
+                       char* err, int errlen) {
+  try {
+    at::NoGradGuard no_grad;
+    auto P = list(params, n), G = list(grads, n), M = list(m, n), V = list(v, n), S = list(steps, n);
+    std::vector<at::Tensor> none;
+    at::_foreach_add_(S, 1.0);
+    at::_fused_adam_(P, G, M, V, none, S, lr, beta1, beta2, 0.0, eps, false, false, std::nullopt,
+                     std::nullopt);
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
 // Multiplies every gradient by `inv_scale` and reports whether any holds inf or NaN, in one
 // multi-tensor kernel (what GradScaler.unscale_ does). Writes 1 or 0 to `found`.
 int trainer_unscale_and_check(at::Tensor** grads, int n, double inv_scale, int* found, char* err,
@@ -135,6 +154,7 @@ int trainer_unscale_and_check(at::Tensor** grads, int n, double inv_scale, int* 
   }
 }
 
+// Multiplies every tensor of a list by `factor` in place.
 int trainer_foreach_mul(at::Tensor** tensors, int n, double factor, char* err, int errlen) {
   try {
     at::NoGradGuard no_grad;

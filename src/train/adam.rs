@@ -7,16 +7,27 @@ pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.999;
 pub const EPSILON: f64 = 1e-7;
 
+/// How the update is computed; all three give the same weights (within 1e-6, tested).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// One small kernel chain per parameter.
+    Plain,
+    /// Multi-tensor (`_foreach_*`) kernels over all parameters, Keras's formula.
+    Foreach,
+    /// PyTorch's `_fused_adam_` with the epsilon that makes it Keras's update.
+    Fused,
+}
+
 /// Adam over the trainable variables of a VarStore, in sorted name order.
 pub struct Adam {
     pub lr: f64,
     pub step: i64,
-    /// Update all parameters with multi-tensor (`_foreach_*`) kernels instead of one small
-    /// kernel chain per parameter.
-    pub fused: bool,
+    pub kernel: Kernel,
     params: Vec<(String, Tensor)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Per-parameter step counts for the fused kernel (incremented at each of its steps).
+    steps: Vec<Tensor>,
 }
 
 impl Adam {
@@ -29,13 +40,18 @@ impl Adam {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let m = params.iter().map(|(_, t)| t.zeros_like()).collect();
         let v = params.iter().map(|(_, t)| t.zeros_like()).collect();
+        let steps = params
+            .iter()
+            .map(|(_, t)| Tensor::zeros([], (tch::Kind::Float, t.device())))
+            .collect();
         Adam {
             lr,
             step: 0,
-            fused: true,
+            kernel: Kernel::Foreach,
             params,
             m,
             v,
+            steps,
         }
     }
 
@@ -51,10 +67,30 @@ impl Adam {
         let t = self.step as f64;
         let lr_t = self.lr * (1.0 - BETA2.powf(t)).sqrt() / (1.0 - BETA1.powf(t));
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
-        if self.fused && grads.iter().all(Tensor::defined) {
-            fn refs(v: &[Tensor]) -> Vec<&Tensor> {
-                v.iter().collect()
-            }
+        fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+            v.iter().collect()
+        }
+        let all = grads.iter().all(Tensor::defined);
+        if self.kernel == Kernel::Fused && all {
+            let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+            // PyTorch divides sqrt(v) by sqrt(1 - beta2^t) before adding epsilon; Keras adds it
+            // to sqrt(v) itself.
+            let eps = EPSILON / (1.0 - BETA2.powf(t)).sqrt();
+            super::amp::fused_adam(
+                &params,
+                &refs(&grads),
+                &refs(&self.m),
+                &refs(&self.v),
+                &refs(&self.steps),
+                self.lr,
+                BETA1,
+                BETA2,
+                eps,
+            )
+            .expect("fused Adam on tensors of one device and type");
+            return;
+        }
+        if self.kernel != Kernel::Plain && all {
             let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
             super::amp::foreach_adam(
                 &params,
@@ -125,6 +161,9 @@ impl Adam {
                     dst.copy_(&src);
                 }
             }
+            for s in &mut self.steps {
+                let _ = s.fill_(step as f64);
+            }
             Ok(())
         })?;
         self.step = step;
@@ -142,7 +181,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[2], nn::Init::Const(1.0));
         let mut opt = Adam::new(&vs, 0.1);
-        opt.fused = false;
+        opt.kernel = Kernel::Plain;
         // loss = 3 * w0 + w1^2 -> grad (3, 2 w1)
         for _ in 0..2 {
             opt.zero_grad();
@@ -158,7 +197,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_plain_and_grads_set_to_none_give_the_same_weights_after_three_steps() {
+    fn every_kernel_and_grads_set_to_none_give_the_same_weights_after_three_steps() {
         use crate::model::efficientnet::{Tagger, TaggerConfig};
         // The B0 tagger's parameters; each step's gradients are fixed random tensors (the loss
         // sum(p * r) has gradient r), so the two optimizers see the same gradients.
@@ -175,12 +214,12 @@ mod tests {
             })
             .collect();
         // `none`: gradients set to none between steps; otherwise zeroed in place, as before.
-        let run = |fused: bool, none: bool| {
+        let run = |kernel: Kernel, none: bool| {
             let mut vs = nn::VarStore::new(Device::Cpu);
             let _ = Tagger::new(&vs.root(), TaggerConfig::default());
             vs.copy(&init).unwrap();
             let mut opt = Adam::new(&vs, 1e-3);
-            opt.fused = fused;
+            opt.kernel = kernel;
             let mut v = vs.variables();
             for step in &grads {
                 if none {
@@ -199,10 +238,14 @@ mod tests {
             }
             vs
         };
-        let a = run(true, true);
+        let a = run(Kernel::Foreach, true);
         let va = a.variables();
         let mut moved = 0.0f64;
-        for other in [run(false, true), run(true, false)] {
+        for other in [
+            run(Kernel::Plain, true),
+            run(Kernel::Foreach, false),
+            run(Kernel::Fused, true),
+        ] {
             let vb = other.variables();
             for (name, t) in &va {
                 let diff = (t - &vb[name]).abs().max().double_value(&[]);

@@ -13,6 +13,20 @@ extern "C" {
     fn trainer_autocast_exit(device: c_int, prev: c_int, prev_dtype: c_int);
     fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
     fn trainer_grads_to_none(params: *const *const CTensorPtr, n: c_int);
+    fn trainer_fused_adam(
+        params: *const *const CTensorPtr,
+        grads: *const *const CTensorPtr,
+        m: *const *const CTensorPtr,
+        v: *const *const CTensorPtr,
+        steps: *const *const CTensorPtr,
+        n: c_int,
+        lr: c_double,
+        beta1: c_double,
+        beta2: c_double,
+        eps: c_double,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
     fn trainer_unscale_and_check(
         grads: *const *const CTensorPtr,
         n: c_int,
@@ -199,6 +213,42 @@ pub fn foreach_mul(tensors: &[&Tensor], factor: f64) -> Result<()> {
             p.as_ptr(),
             p.len() as c_int,
             factor,
+            err.as_mut_ptr(),
+            err.len() as c_int,
+        )
+    };
+    check(rc, &err)
+}
+
+/// PyTorch's fused Adam (`_fused_adam_`): `steps` (one float tensor per parameter) are
+/// incremented, then the kernel applies the bias correction with them.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_adam(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    m: &[&Tensor],
+    v: &[&Tensor],
+    steps: &[&Tensor],
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+) -> Result<()> {
+    let (p, g, mm, vv, s) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v), ptrs(steps));
+    let mut err = [0 as c_char; 512];
+    // SAFETY: five arrays of live tensor pointers of the same length.
+    let rc = unsafe {
+        trainer_fused_adam(
+            p.as_ptr(),
+            g.as_ptr(),
+            mm.as_ptr(),
+            vv.as_ptr(),
+            s.as_ptr(),
+            p.len() as c_int,
+            lr,
+            beta1,
+            beta2,
+            eps,
             err.as_mut_ptr(),
             err.len() as c_int,
         )

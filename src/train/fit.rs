@@ -317,6 +317,10 @@ pub fn model_and_optimizer(
         amp::vars_to_channels_last(&vs);
     }
     let mut adam = Adam::new(&vs, settings.lr);
+    if device.is_cuda() {
+        // One kernel launch for every parameter instead of six multi-tensor ones.
+        adam.kernel = super::adam::Kernel::Fused;
+    }
     if let Some((prev, _)) = previous {
         adam.load_state(prev.meta.optimizer_step, |k| {
             prev.tensors.get(k).map(|t| t.to_device(device))
