@@ -133,6 +133,33 @@ int trainer_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** m, 
   }
 }
 
+// Keras's Adam step with the step count and the step size as device tensors: `step` (a 0-dim
+// double tensor) is incremented on the device and lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)
+// computed there, so nothing is read from or frozen by the host (what a CUDA graph replays).
+int trainer_foreach_adam_capturable(at::Tensor** params, at::Tensor** grads, at::Tensor** m,
+                                    at::Tensor** v, int n, at::Tensor* step, double lr,
+                                    double beta1, double beta2, double eps, char* err, int errlen) {
+  try {
+    at::NoGradGuard no_grad;
+    auto P = list(params, n), G = list(grads, n), M = list(m, n), V = list(v, n);
+    step->add_(1);
+    auto lr_t = (lr * at::sqrt(1 - at::pow(beta2, *step)) / (1 - at::pow(beta1, *step)))
+                    .to(P.empty() ? at::kFloat : P[0].scalar_type());
+    at::_foreach_lerp_(M, G, 1.0 - beta1);
+    at::_foreach_mul_(V, beta2);
+    at::_foreach_addcmul_(V, G, G, 1.0 - beta2);
+    auto denom = at::_foreach_sqrt(V);
+    at::_foreach_add_(denom, eps);
+    auto update = at::_foreach_div(M, denom);
+    at::_foreach_mul_(update, lr_t);
+    at::_foreach_sub_(P, update);
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
 // Multiplies every gradient by `inv_scale` and reports whether any holds inf or NaN, in one
 // multi-tensor kernel (what GradScaler.unscale_ does). Writes 1 or 0 to `found`.
 int trainer_unscale_and_check(at::Tensor** grads, int n, double inv_scale, int* found, char* err,

@@ -16,6 +16,9 @@ pub enum Kernel {
     Foreach,
     /// PyTorch's `_fused_adam_` with the epsilon that makes it Keras's update.
     Fused,
+    /// Multi-tensor kernels with the step count and step size as device tensors: nothing read
+    /// from the host, so the step can be captured in a CUDA graph.
+    Capturable,
 }
 
 /// Adam over the trainable variables of a VarStore, in sorted name order.
@@ -28,6 +31,8 @@ pub struct Adam {
     v: Vec<Tensor>,
     /// Per-parameter step counts for the fused kernel (incremented at each of its steps).
     steps: Vec<Tensor>,
+    /// The step count on the device, for the capturable kernel.
+    step_t: Tensor,
 }
 
 impl Adam {
@@ -44,6 +49,7 @@ impl Adam {
             .iter()
             .map(|(_, t)| Tensor::zeros([], (tch::Kind::Float, t.device())))
             .collect();
+        let step_t = Tensor::zeros([], (tch::Kind::Double, vs.device()));
         Adam {
             lr,
             step: 0,
@@ -52,6 +58,7 @@ impl Adam {
             m,
             v,
             steps,
+            step_t,
         }
     }
 
@@ -71,6 +78,22 @@ impl Adam {
             v.iter().collect()
         }
         let all = grads.iter().all(Tensor::defined);
+        if self.kernel == Kernel::Capturable && all {
+            let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+            super::amp::foreach_adam_capturable(
+                &params,
+                &refs(&grads),
+                &refs(&self.m),
+                &refs(&self.v),
+                &self.step_t,
+                self.lr,
+                BETA1,
+                BETA2,
+                EPSILON,
+            )
+            .expect("multi-tensor Adam on tensors of one device and type");
+            return;
+        }
         if self.kernel == Kernel::Fused && all {
             let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
             // PyTorch divides sqrt(v) by sqrt(1 - beta2^t) before adding epsilon; Keras adds it
@@ -164,6 +187,7 @@ impl Adam {
             for s in &mut self.steps {
                 let _ = s.fill_(step as f64);
             }
+            let _ = self.step_t.fill_(step as f64);
             Ok(())
         })?;
         self.step = step;
@@ -245,6 +269,7 @@ mod tests {
             run(Kernel::Plain, true),
             run(Kernel::Foreach, false),
             run(Kernel::Fused, true),
+            run(Kernel::Capturable, true),
         ] {
             let vb = other.variables();
             for (name, t) in &va {

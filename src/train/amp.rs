@@ -13,6 +13,20 @@ extern "C" {
     fn trainer_autocast_exit(device: c_int, prev: c_int, prev_dtype: c_int);
     fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
     fn trainer_grads_to_none(params: *const *const CTensorPtr, n: c_int);
+    fn trainer_foreach_adam_capturable(
+        params: *const *const CTensorPtr,
+        grads: *const *const CTensorPtr,
+        m: *const *const CTensorPtr,
+        v: *const *const CTensorPtr,
+        n: c_int,
+        step: *const CTensorPtr,
+        lr: c_double,
+        beta1: c_double,
+        beta2: c_double,
+        eps: c_double,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
     fn trainer_fused_adam(
         params: *const *const CTensorPtr,
         grads: *const *const CTensorPtr,
@@ -213,6 +227,42 @@ pub fn foreach_mul(tensors: &[&Tensor], factor: f64) -> Result<()> {
             p.as_ptr(),
             p.len() as c_int,
             factor,
+            err.as_mut_ptr(),
+            err.len() as c_int,
+        )
+    };
+    check(rc, &err)
+}
+
+/// Keras's Adam step with the step count (`step`, a 0-dim double tensor, incremented) and the
+/// step size as device tensors: nothing read from the host, as a CUDA graph needs.
+#[allow(clippy::too_many_arguments)]
+pub fn foreach_adam_capturable(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    m: &[&Tensor],
+    v: &[&Tensor],
+    step: &Tensor,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+) -> Result<()> {
+    let (p, g, mm, vv) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v));
+    let mut err = [0 as c_char; 512];
+    // SAFETY: four arrays of live tensor pointers of the same length and a live step tensor.
+    let rc = unsafe {
+        trainer_foreach_adam_capturable(
+            p.as_ptr(),
+            g.as_ptr(),
+            mm.as_ptr(),
+            vv.as_ptr(),
+            p.len() as c_int,
+            step.as_ptr(),
+            lr,
+            beta1,
+            beta2,
+            eps,
             err.as_mut_ptr(),
             err.len() as c_int,
         )

@@ -200,6 +200,52 @@ fn open_run_dir(run_dir: &Path, resume: bool) -> Result<crate::fsutil::DirLock> 
     Ok(lock)
 }
 
+/// The step's inputs at fixed addresses for full batches: indices into the image cache and the
+/// augmentation parameters, refilled by a device-side copy at each step.
+struct StaticInputs {
+    batch: usize,
+    ids: Tensor,
+    params: Option<Tensor>,
+}
+
+impl StaticInputs {
+    fn new(batch: usize, augment: bool, device: Device) -> Self {
+        StaticInputs {
+            batch,
+            ids: Tensor::zeros([batch as i64], (Kind::Int64, device)),
+            params: augment.then(|| {
+                Tensor::zeros(
+                    [batch as i64, augment::PARAMS as i64],
+                    (Kind::Float, device),
+                )
+            }),
+        }
+    }
+
+    /// The indices and parameters of the batch at `start`: the static buffers, refilled, for a
+    /// full batch; plain slices (parameters `None`: slice them yourself) for a partial one.
+    fn fill(
+        &mut self,
+        order: &Tensor,
+        params: Option<&Tensor>,
+        start: i64,
+        len: i64,
+    ) -> (Tensor, Option<Tensor>) {
+        if len as usize != self.batch {
+            return (order.narrow(0, start, len), None);
+        }
+        self.ids.copy_(&order.narrow(0, start, len));
+        let filled = match (&mut self.params, params) {
+            (Some(buf), Some(p)) => {
+                buf.copy_(&p.narrow(0, start, len));
+                Some(buf.shallow_clone())
+            }
+            _ => None,
+        };
+        (self.ids.shallow_clone(), filled)
+    }
+}
+
 /// Validation results of one epoch.
 struct Validation {
     loss: f64,
@@ -496,6 +542,7 @@ pub fn fit(
         best_val_loss: best,
         interrupted: false,
     };
+    let mut inputs = StaticInputs::new(bs, settings.augment == Augment::Original, device);
     for epoch in start_epoch..=settings.epochs {
         let seed = epoch_seed(settings.seed, epoch);
         tch::manual_seed(seed as i64);
@@ -526,7 +573,10 @@ pub fn fit(
             }
             let start = (step * bs) as i64;
             let len = bs.min(order.len() - step * bs) as i64;
-            let ids = order_t.narrow(0, start, len);
+            // A full batch reads its indices and augmentation parameters from buffers at fixed
+            // addresses, filled by a copy (what a captured CUDA graph replays from); the partial
+            // last batch runs eagerly from slices.
+            let (ids, batch_params) = inputs.fill(&order_t, params.as_ref(), start, len);
             let px = if pixels.device() == device {
                 pixels.index_select(0, &ids)
             } else {
@@ -535,7 +585,10 @@ pub fn fit(
                     .to_device(device)
             };
             let x = match &params {
-                Some(p) => augment::apply(&px, &p.narrow(0, start, len)),
+                Some(p) => augment::apply(
+                    &px,
+                    &batch_params.unwrap_or_else(|| p.narrow(0, start, len)),
+                ),
                 None => augment::to_input(&px),
             };
             let x = amp::layout(&x, settings.channels_last);
@@ -788,6 +841,24 @@ pub fn draw_results(csv: &Path, png: &Path, labels: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_batches_come_from_buffers_at_fixed_addresses_and_partial_ones_from_slices() {
+        let mut inputs = StaticInputs::new(4, true, Device::Cpu);
+        let order = Tensor::from_slice(&[9i64, 8, 7, 6, 5, 4, 3, 2, 1, 0]);
+        let params = Tensor::arange(10 * augment::PARAMS as i64, (Kind::Float, Device::Cpu))
+            .view([10, augment::PARAMS as i64]);
+        let (a, pa) = inputs.fill(&order, Some(&params), 0, 4);
+        let addresses = (a.data_ptr(), pa.as_ref().unwrap().data_ptr());
+        let (b, pb) = inputs.fill(&order, Some(&params), 4, 4);
+        let pb = pb.unwrap();
+        assert_eq!((b.data_ptr(), pb.data_ptr()), addresses, "the same buffers");
+        assert_eq!(Vec::<i64>::try_from(&b).unwrap(), [5, 4, 3, 2]);
+        assert!(pb.equal(&params.narrow(0, 4, 4)));
+        let (c, pc) = inputs.fill(&order, Some(&params), 8, 2);
+        assert!(pc.is_none() && c.data_ptr() != addresses.0);
+        assert_eq!(Vec::<i64>::try_from(&c).unwrap(), [1, 0]);
+    }
 
     #[test]
     fn adam_moments_have_their_parameters_strides_in_channels_last() {
