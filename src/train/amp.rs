@@ -170,6 +170,13 @@ fn ptrs(ts: &[&Tensor]) -> Vec<*const CTensorPtr> {
     ts.iter().map(|t| t.as_ptr()).collect()
 }
 
+/// Calls a shim entry point that returns 1 on failure with a message in the buffer it is given.
+fn shim_call(f: impl FnOnce(*mut c_char, c_int) -> c_int) -> Result<()> {
+    let mut err = [0 as c_char; 512];
+    let rc = f(err.as_mut_ptr(), err.len() as c_int);
+    check(rc, &err)
+}
+
 fn check(rc: c_int, err: &[c_char]) -> Result<()> {
     if rc != 0 {
         // SAFETY: the shim wrote a NUL-terminated message into `err`.
@@ -197,9 +204,8 @@ pub fn foreach_adam(
     let n = params.len();
     assert!(grads.len() == n && m.len() == n && v.len() == n);
     let (p, g, mm, vv) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v));
-    let mut err = [0 as c_char; 512];
     // SAFETY: four arrays of `n` live tensor pointers; the shim copies the handles.
-    let rc = unsafe {
+    shim_call(|err, len| unsafe {
         trainer_foreach_adam(
             p.as_ptr(),
             g.as_ptr(),
@@ -210,28 +216,19 @@ pub fn foreach_adam(
             beta2,
             eps,
             lr_t,
-            err.as_mut_ptr(),
-            err.len() as c_int,
+            err,
+            len,
         )
-    };
-    check(rc, &err)
+    })
 }
 
 /// Multiplies every tensor of the list by `factor`, in place.
 pub fn foreach_mul(tensors: &[&Tensor], factor: f64) -> Result<()> {
     let p = ptrs(tensors);
-    let mut err = [0 as c_char; 512];
     // SAFETY: an array of live tensor pointers.
-    let rc = unsafe {
-        trainer_foreach_mul(
-            p.as_ptr(),
-            p.len() as c_int,
-            factor,
-            err.as_mut_ptr(),
-            err.len() as c_int,
-        )
-    };
-    check(rc, &err)
+    shim_call(|err, len| unsafe {
+        trainer_foreach_mul(p.as_ptr(), p.len() as c_int, factor, err, len)
+    })
 }
 
 /// Keras's Adam step with the step count (`step`, a 0-dim double tensor, incremented) and the
@@ -249,9 +246,8 @@ pub fn foreach_adam_capturable(
     eps: f64,
 ) -> Result<()> {
     let (p, g, mm, vv) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v));
-    let mut err = [0 as c_char; 512];
     // SAFETY: four arrays of live tensor pointers of the same length and a live step tensor.
-    let rc = unsafe {
+    shim_call(|err, len| unsafe {
         trainer_foreach_adam_capturable(
             p.as_ptr(),
             g.as_ptr(),
@@ -263,11 +259,10 @@ pub fn foreach_adam_capturable(
             beta1,
             beta2,
             eps,
-            err.as_mut_ptr(),
-            err.len() as c_int,
+            err,
+            len,
         )
-    };
-    check(rc, &err)
+    })
 }
 
 /// PyTorch's fused Adam (`_fused_adam_`): `steps` (one float tensor per parameter) are
@@ -285,9 +280,8 @@ pub fn fused_adam(
     eps: f64,
 ) -> Result<()> {
     let (p, g, mm, vv, s) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v), ptrs(steps));
-    let mut err = [0 as c_char; 512];
     // SAFETY: five arrays of live tensor pointers of the same length.
-    let rc = unsafe {
+    shim_call(|err, len| unsafe {
         trainer_fused_adam(
             p.as_ptr(),
             g.as_ptr(),
@@ -299,11 +293,10 @@ pub fn fused_adam(
             beta1,
             beta2,
             eps,
-            err.as_mut_ptr(),
-            err.len() as c_int,
+            err,
+            len,
         )
-    };
-    check(rc, &err)
+    })
 }
 
 /// Drops the gradients of `params` (set to none, not zeroed): no fill kernel per parameter, and
@@ -318,20 +311,18 @@ pub fn grads_to_none(params: &[&Tensor]) {
 /// multi-tensor kernel and one read-back.
 pub fn unscale_and_check(grads: &[&Tensor], inv_scale: f64) -> Result<bool> {
     let p = ptrs(grads);
-    let mut err = [0 as c_char; 512];
     let mut found = 0;
     // SAFETY: an array of live tensor pointers; `found` and `err` are locals.
-    let rc = unsafe {
+    shim_call(|err, len| unsafe {
         trainer_unscale_and_check(
             p.as_ptr(),
             p.len() as c_int,
             inv_scale,
             &mut found,
-            err.as_mut_ptr(),
-            err.len() as c_int,
+            err,
+            len,
         )
-    };
-    check(rc, &err)?;
+    })?;
     Ok(found != 0)
 }
 
