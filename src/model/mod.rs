@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod efficientnet;
 pub mod keras;
 pub mod onnx;
+pub mod precision;
 pub mod torchscript;
 
 use std::io::Read;
@@ -33,7 +34,7 @@ pub struct LoadedModel {
     /// The weights file.
     pub path: std::path::PathBuf,
     /// Forward-pass precision (fp32 unless the user opts into bf16 or fp16 autocast).
-    pub precision: crate::train::amp::Precision,
+    pub precision: self::precision::Precision,
 }
 
 const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
@@ -81,7 +82,7 @@ impl LoadedModel {
         check_finite(&vs, path)?;
         let thresholds = vec![DEFAULT_INFER_THRESHOLD; taxonomy.labels.len()];
         // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
-        crate::train::amp::vars_to_channels_last(&vs);
+        self::precision::vars_to_channels_last(&vs);
         net.fold_batch_norms();
         Ok(LoadedModel {
             vs,
@@ -91,7 +92,7 @@ impl LoadedModel {
             image_size: DEFAULT_IMAGE_SIZE,
             description: format!("{} ({report})", path.display()),
             path: path.to_path_buf(),
-            precision: crate::train::amp::Precision::Fp32,
+            precision: self::precision::Precision::Fp32,
         })
     }
 
@@ -108,7 +109,7 @@ impl LoadedModel {
         ckpt.load_model(&vs, path)?;
         check_finite(&vs, path)?;
         // Channels-last: the memory order GPU convolutions want (same outputs, checked by the tests).
-        crate::train::amp::vars_to_channels_last(&vs);
+        self::precision::vars_to_channels_last(&vs);
         net.fold_batch_norms();
         Ok(LoadedModel {
             vs,
@@ -122,7 +123,7 @@ impl LoadedModel {
                 meta.epoch
             ),
             path: path.to_path_buf(),
-            precision: crate::train::amp::Precision::Fp32,
+            precision: self::precision::Precision::Fp32,
         })
     }
 
@@ -140,9 +141,9 @@ impl LoadedModel {
         } else {
             pixels
         };
-        let x = crate::train::amp::channels_last(&crate::data::augment::to_input(&pixels));
+        let x = self::precision::channels_last(&crate::data::augment::to_input(&pixels));
         let probs = tch::no_grad(|| {
-            crate::train::amp::autocast(self.precision, device, || {
+            self::precision::autocast(self.precision, device, || {
                 tch::nn::ModuleT::forward_t(&self.net, &x, false)
             })
             .to_kind(tch::Kind::Float)

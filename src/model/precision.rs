@@ -1,0 +1,106 @@
+//! Precision and memory order of the forward pass, shared by inference and training: autocast
+//! in bf16 or fp16 on CPU or CUDA (through the C++ shim, src/shim/amp.cpp) and the channels-last
+//! layout.
+
+use std::ffi::c_int;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Device, Tensor};
+
+extern "C" {
+    fn trainer_autocast_enter(device: c_int, dtype: c_int, prev_dtype: *mut c_int) -> c_int;
+    fn trainer_autocast_exit(device: c_int, prev: c_int, prev_dtype: c_int);
+    fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
+}
+
+/// Arithmetic precision of the training forward pass (batch-norm statistics and the loss stay in
+/// fp32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    /// bf16 on CUDA, fp32 on CPU.
+    pub fn default_for(device: Device) -> Self {
+        if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+}
+
+/// Autocast entered on one device type; leaving it (also when the closure panics) restores the
+/// previous enabled state and dtype.
+struct AutocastGuard {
+    device: c_int,
+    prev: c_int,
+    prev_dtype: c_int,
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // SAFETY: balances the enter that made this guard, on the same thread.
+        unsafe { trainer_autocast_exit(self.device, self.prev, self.prev_dtype) };
+    }
+}
+
+/// Runs `f` under autocast in `precision` on `device`'s type (nothing to do for fp32).
+pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> T {
+    let dtype = match precision {
+        Precision::Fp32 => return f(),
+        Precision::Fp16 => 0,
+        Precision::Bf16 => 1,
+    };
+    let dev = if device.is_cuda() { 1 } else { 0 };
+    let mut prev_dtype = 0;
+    // SAFETY: plain calls into libtorch's thread-local autocast state, balanced by the guard.
+    let prev = unsafe { trainer_autocast_enter(dev, dtype, &mut prev_dtype) };
+    let _guard = AutocastGuard {
+        device: dev,
+        prev,
+        prev_dtype,
+    };
+    f()
+}
+
+/// Whether autocast is on for `device`'s type, and its dtype (0 float16, 1 bfloat16, 2 other).
+pub fn autocast_state(device: Device) -> (bool, i32) {
+    let mut dtype = 0;
+    // SAFETY: a read of libtorch's thread-local autocast state.
+    let on = unsafe { trainer_autocast_state(if device.is_cuda() { 1 } else { 0 }, &mut dtype) };
+    (on != 0, dtype)
+}
+
+/// `x` in the run's memory order: channels-last, or plain contiguous NCHW.
+pub fn layout(x: &Tensor, channels_last: bool) -> Tensor {
+    if channels_last {
+        self::channels_last(x)
+    } else {
+        x.contiguous()
+    }
+}
+
+/// The same values in channels-last (NHWC) memory order, still indexed as NCHW.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    if t.dim() != 4 {
+        return t.shallow_clone();
+    }
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Moves every 4-D variable (convolution kernels) of a VarStore to channels-last in place.
+pub fn vars_to_channels_last(vs: &VarStore) {
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                let cl = channels_last(&v);
+                v.set_data(&cl);
+            }
+        }
+    });
+}
