@@ -158,8 +158,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
     /// Forward-pass precision. fp32 (the default) gives the original's outputs; bf16 autocast is
-    /// faster on GPUs and on CPUs with AVX512-BF16 or AMX, and moves probabilities by up to about
-    /// 0.01 (see the README).
+    /// faster on GPUs and on CPUs with AVX512-BF16 or AMX but moves probabilities (by up to 0.67
+    /// on the sample images with the test weights: check your model with `eval` first).
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::amp::Precision>,
 }
@@ -327,8 +327,8 @@ pub struct InferArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
     /// Forward-pass precision. fp32 (the default) gives the original's outputs; bf16 autocast is
-    /// faster on GPUs and on CPUs with AVX512-BF16 or AMX, and moves probabilities by up to about
-    /// 0.01 (see the README).
+    /// faster on GPUs and on CPUs with AVX512-BF16 or AMX but moves probabilities (by up to 0.67
+    /// on the sample images with the test weights: check your model with `eval` first).
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::amp::Precision>,
 }
