@@ -127,6 +127,7 @@ fn headless(browser: &Path, profile: &Path) -> std::process::Command {
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",
         "--disable-quic",
         "--no-first-run",
         "--disable-background-networking",
