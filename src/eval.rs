@@ -30,8 +30,6 @@ pub struct EvalOptions {
     /// Images per label and kind of mistake in `review.csv` and the report (0: no review list).
     pub review: usize,
     pub batch_size: usize,
-    /// Write `report.html`.
-    pub report: bool,
 }
 
 /// A misclassified image worth a second look (it may be mislabelled data rather than a model

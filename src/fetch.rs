@@ -181,7 +181,7 @@ fn redirect_target(current: &str, resp: &ureq::Response) -> Result<String, Fetch
     let next = url::Url::parse(current)
         .and_then(|base| base.join(location))
         .map_err(|e| FetchError::Refused(format!("bad redirect to '{location}': {e}")))?;
-    if !matches!(next.scheme(), "http" | "https") {
+    if !is_web(&next) {
         return Err(FetchError::Refused(format!(
             "redirect to '{location}' refused: only http and https are followed"
         )));
@@ -635,10 +635,15 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
     Ok(s)
 }
 
+/// True for an http or https address, the only ones the client asks or follows.
+fn is_web(url: &url::Url) -> bool {
+    matches!(url.scheme(), "http" | "https")
+}
+
 /// An address the client may ask: http or https.
 fn check_base(url: &str, what: &str) -> Result<()> {
     match url::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+        Ok(u) if is_web(&u) => Ok(()),
         _ => bail!("{what} '{url}' is not an http or https address"),
     }
 }

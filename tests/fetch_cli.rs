@@ -33,17 +33,6 @@ fn jpeg() -> Vec<u8> {
     std::fs::read(&files[0]).unwrap()
 }
 
-/// The JPEG with its frame header claiming 65000 x 65000 pixels.
-fn bomb(jpeg: &[u8]) -> Vec<u8> {
-    let mut bytes = jpeg.to_vec();
-    let sof = bytes
-        .windows(2)
-        .position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1]))
-        .unwrap();
-    bytes[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
-    bytes
-}
-
 fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
     let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -189,7 +178,12 @@ fn handle(
                 &[("Content-Length", "100000000000".into())],
                 b"",
             ),
-            "bomb" => respond(&mut stream, "200 OK", &[], &bomb(&body)),
+            "bomb" => respond(
+                &mut stream,
+                "200 OK",
+                &[],
+                &common::jpeg_claiming(&body, 65000, 65000),
+            ),
             "drip" => {
                 let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
                 let _ = stream.write_all(head.as_bytes());

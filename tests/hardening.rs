@@ -62,14 +62,7 @@ fn infer(dir: &Path, weights: &Path, input: &Path, extra: &[&str]) -> Output {
 
 /// A JPEG whose frame header claims `w` x `h` pixels (a few hundred bytes on disk).
 fn jpeg_bomb(w: u16, h: u16) -> Vec<u8> {
-    let mut bytes = std::fs::read(a_jpeg()).unwrap();
-    let sof = bytes
-        .windows(2)
-        .position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1]))
-        .unwrap();
-    bytes[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
-    bytes[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
-    bytes
+    common::jpeg_claiming(&std::fs::read(a_jpeg()).unwrap(), w, h)
 }
 
 #[test]

@@ -49,17 +49,8 @@ pub fn read_taxonomy(path: &Path) -> Result<Taxonomy> {
             path.display()
         )
     })?;
-    if t.labels.is_empty() {
-        bail!("{}: the label list is empty", path.display());
-    }
-    for (folder, labels) in &t.folders {
-        if let Some(bad) = labels.iter().find(|l| !t.labels.contains(l)) {
-            bail!(
-                "{}: folder {folder} maps to {bad}, which is not in the label list",
-                path.display()
-            );
-        }
-    }
+    t.validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(t)
 }
 

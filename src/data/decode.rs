@@ -56,6 +56,15 @@ pub enum DecodeError {
     Invalid { path: String, reason: String },
 }
 
+impl DecodeError {
+    fn invalid(path: &Path, reason: impl Into<String>) -> Self {
+        DecodeError::Invalid {
+            path: path.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// A decoded image: interleaved BGR bytes, row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bgr8 {
@@ -79,14 +88,11 @@ pub fn has_image_extension(path: &Path) -> bool {
 /// libjpeg-turbo (the same pixels), other formats through the `image` crate; grayscale is
 /// replicated into three channels, alpha is dropped, 16-bit samples keep their high byte.
 pub fn decode_bgr(bytes: &[u8], path: &Path) -> Result<Bgr8, DecodeError> {
-    let name = || path.display().to_string();
     if bytes.is_empty() {
-        return Err(DecodeError::Empty { path: name() });
+        return Err(DecodeError::Empty {
+            path: path.display().to_string(),
+        });
     }
-    let invalid = |reason: String| DecodeError::Invalid {
-        path: name(),
-        reason,
-    };
     if jpeg::is_jpeg(bytes) {
         match jpeg::decode_bgr(bytes, check_size) {
             Ok(Jpeg::Bgr(width, height, data)) => {
@@ -101,15 +107,10 @@ pub fn decode_bgr(bytes: &[u8], path: &Path) -> Result<Bgr8, DecodeError> {
                 return Ok(orient(img, orientation));
             }
             Ok(Jpeg::Unsupported) => {}
-            Err(reason) => {
-                return Err(DecodeError::Invalid {
-                    path: name(),
-                    reason,
-                })
-            }
+            Err(reason) => return Err(DecodeError::invalid(path, reason)),
         }
     }
-    let img = decode_other(bytes).map_err(invalid)?;
+    let img = decode_other(bytes).map_err(|reason| DecodeError::invalid(path, reason))?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let rgb = img.into_rgb8();
     let mut data = rgb.into_raw();
@@ -166,36 +167,27 @@ pub fn orient(img: Bgr8, orientation: Orientation) -> Bgr8 {
 /// Reads and decodes an image file into BGR. A broken or looping symbolic link, a folder, a
 /// device or a pipe is reported like any unreadable file, and at most [`MAX_FILE_BYTES`] are read.
 pub fn read_bgr(path: &Path) -> Result<Bgr8, DecodeError> {
-    let name = || path.display().to_string();
     let io = |source| DecodeError::Io {
-        path: name(),
+        path: path.display().to_string(),
         source,
     };
     let meta = std::fs::metadata(path).map_err(|e| {
         let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
         if link {
-            DecodeError::Invalid {
-                path: name(),
-                reason: format!("broken or looping symbolic link ({e})"),
-            }
+            DecodeError::invalid(path, format!("broken or looping symbolic link ({e})"))
         } else {
             io(e)
         }
     })?;
     if !meta.is_file() {
-        return Err(DecodeError::Invalid {
-            path: name(),
-            reason: "not a regular file".into(),
-        });
+        return Err(DecodeError::invalid(path, "not a regular file"));
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(DecodeError::Invalid {
-            path: name(),
-            reason: format!(
-                "{} bytes, more than the limit of {MAX_FILE_BYTES}",
-                meta.len()
-            ),
-        });
+        let reason = format!(
+            "{} bytes, more than the limit of {MAX_FILE_BYTES}",
+            meta.len()
+        );
+        return Err(DecodeError::invalid(path, reason));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     std::fs::File::open(path)

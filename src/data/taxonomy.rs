@@ -55,6 +55,21 @@ impl Taxonomy {
         }
     }
 
+    /// A label list that is not empty and every folder mapped to labels of that list.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.labels.is_empty() {
+            return Err("the label list is empty".into());
+        }
+        for (folder, labels) in &self.folders {
+            if let Some(bad) = labels.iter().find(|l| !self.labels.contains(l)) {
+                return Err(format!(
+                    "folder {folder} maps to {bad}, which is not in the label list"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The 0/1 target vector of a folder tag, or `None` for an unknown folder.
     pub fn target(&self, folder: &str) -> Option<Vec<f32>> {
         let labels = self.folders.get(folder)?;

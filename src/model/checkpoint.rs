@@ -80,9 +80,6 @@ impl CheckpointMeta {
     /// Checks every field against sane ranges and the others; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         let labels = &self.taxonomy.labels;
-        if labels.is_empty() {
-            return Err("taxonomy.labels is empty".into());
-        }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = labels.iter().find(|l| !seen.insert(l.as_str())) {
             return Err(format!("taxonomy.labels lists '{dup}' twice"));
@@ -90,13 +87,9 @@ impl CheckpointMeta {
         if let Some(bad) = labels.iter().find(|l| l.is_empty() || l.len() > 200) {
             return Err(format!("taxonomy.labels holds a bad name '{bad}'"));
         }
-        for (folder, mapped) in &self.taxonomy.folders {
-            if let Some(bad) = mapped.iter().find(|l| !labels.contains(l)) {
-                return Err(format!(
-                    "taxonomy.folders: '{folder}' maps to '{bad}', which is not a label"
-                ));
-            }
-        }
+        self.taxonomy
+            .validate()
+            .map_err(|e| format!("taxonomy: {e}"))?;
         if self.thresholds.len() != labels.len() {
             return Err(format!(
                 "thresholds has {} values for {} labels",

@@ -181,16 +181,4 @@ int trainer_unscale_and_check(at::Tensor** grads, int n, double inv_scale, int* 
   }
 }
 
-// Multiplies every tensor of a list by `factor` in place.
-int trainer_foreach_mul(at::Tensor** tensors, int n, double factor, char* err, int errlen) {
-  try {
-    at::NoGradGuard no_grad;
-    auto T = list(tensors, n);
-    at::_foreach_mul_(T, factor);
-    return 0;
-  } catch (const std::exception& e) {
-    copy_error(e, err, errlen);
-    return 1;
-  }
-}
 }

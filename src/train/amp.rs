@@ -63,13 +63,6 @@ extern "C" {
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
-    fn trainer_foreach_mul(
-        tensors: *const *const CTensorPtr,
-        n: c_int,
-        factor: c_double,
-        err: *mut c_char,
-        errlen: c_int,
-    ) -> c_int;
 }
 
 /// The opaque libtorch tensor behind a tch `Tensor` (an `at::Tensor`).
@@ -128,15 +121,6 @@ pub fn foreach_adam(
             err,
             len,
         )
-    })
-}
-
-/// Multiplies every tensor of the list by `factor`, in place.
-pub fn foreach_mul(tensors: &[&Tensor], factor: f64) -> Result<()> {
-    let p = ptrs(tensors);
-    // SAFETY: an array of live tensor pointers.
-    shim_call(|err, len| unsafe {
-        trainer_foreach_mul(p.as_ptr(), p.len() as c_int, factor, err, len)
     })
 }
 
@@ -386,14 +370,5 @@ mod tests {
             .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
         l.backward();
         assert!(vs.variables()["stem_conv.weight"].grad().defined());
-    }
-
-    #[test]
-    fn foreach_mul_scales_every_tensor() {
-        let a = Tensor::ones([3], (Kind::Float, Device::Cpu));
-        let b = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
-        foreach_mul(&[&a, &b], 0.5).unwrap();
-        assert_eq!(a.sum(Kind::Float).double_value(&[]), 1.5);
-        assert_eq!(b.sum(Kind::Float).double_value(&[]), 2.0);
     }
 }

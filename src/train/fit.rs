@@ -177,18 +177,26 @@ fn write_results(path: &Path, labels: &[String], rows: &[String]) -> Result<()> 
     write_atomic(path, text.as_bytes())
 }
 
+/// A new run may not start in a folder that already holds one.
+fn refuse_existing_run(run_dir: &Path) -> Result<()> {
+    if run_dir.join(LAST).exists() {
+        bail!(
+            "run folder {} already holds a run; resume it with --resume {} or choose another --run",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Creates (or opens, on resume) the run folder and locks it for this process; clears what a
 /// killed process left half-written there. A new run refuses a folder that already holds one.
 fn open_run_dir(run_dir: &Path, resume: bool) -> Result<crate::fsutil::DirLock> {
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
     let lock = crate::fsutil::lock_dir(run_dir, "trainer fit")?;
-    if !resume && run_dir.join(LAST).exists() {
-        bail!(
-            "run folder {} already holds a run; resume it with --resume {} or choose another --run",
-            run_dir.display(),
-            run_dir.display()
-        );
+    if !resume {
+        refuse_existing_run(run_dir)?;
     }
     let removed = crate::fsutil::remove_stale_temporaries(run_dir, std::time::Duration::ZERO);
     if removed > 0 {
@@ -222,8 +230,8 @@ impl StaticInputs {
         }
     }
 
-    /// The indices and parameters of the batch at `start`: the static buffers, refilled, for a
-    /// full batch; plain slices (parameters `None`: slice them yourself) for a partial one.
+    /// The indices and augmentation parameters (if any) of the batch at `start`: the static
+    /// buffers, refilled, for a full batch; plain slices for a partial one.
     fn fill(
         &mut self,
         order: &Tensor,
@@ -231,16 +239,18 @@ impl StaticInputs {
         start: i64,
         len: i64,
     ) -> (Tensor, Option<Tensor>) {
+        let ids = order.narrow(0, start, len);
+        let batch_params = params.map(|p| p.narrow(0, start, len));
         if len as usize != self.batch {
-            return (order.narrow(0, start, len), None);
+            return (ids, batch_params);
         }
-        self.ids.copy_(&order.narrow(0, start, len));
-        let filled = match (&mut self.params, params) {
+        self.ids.copy_(&ids);
+        let filled = match (&mut self.params, batch_params) {
             (Some(buf), Some(p)) => {
-                buf.copy_(&p.narrow(0, start, len));
+                buf.copy_(&p);
                 Some(buf.shallow_clone())
             }
-            _ => None,
+            (_, other) => other,
         };
         (self.ids.shallow_clone(), filled)
     }
@@ -401,13 +411,8 @@ pub fn fit(
         }
         Some(prev)
     } else {
-        if last_path.exists() {
-            bail!(
-                "run folder {} already holds a run; resume it with --resume {} or choose another --run",
-                run_dir.display(),
-                run_dir.display()
-            );
-        }
+        // Checked again under the run folder's lock, before anything is written.
+        refuse_existing_run(run_dir)?;
         None
     };
 
@@ -584,11 +589,8 @@ pub fn fit(
                     .index_select(0, &ids.to_device(pixels.device()))
                     .to_device(device)
             };
-            let x = match &params {
-                Some(p) => augment::apply(
-                    &px,
-                    &batch_params.unwrap_or_else(|| p.narrow(0, start, len)),
-                ),
+            let x = match &batch_params {
+                Some(p) => augment::apply(&px, p),
                 None => augment::to_input(&px),
             };
             let x = amp::layout(&x, settings.channels_last);
@@ -856,7 +858,9 @@ mod tests {
         assert_eq!(Vec::<i64>::try_from(&b).unwrap(), [5, 4, 3, 2]);
         assert!(pb.equal(&params.narrow(0, 4, 4)));
         let (c, pc) = inputs.fill(&order, Some(&params), 8, 2);
-        assert!(pc.is_none() && c.data_ptr() != addresses.0);
+        let pc = pc.unwrap();
+        assert!(c.data_ptr() != addresses.0 && pc.data_ptr() != addresses.1);
+        assert!(pc.equal(&params.narrow(0, 8, 2)));
         assert_eq!(Vec::<i64>::try_from(&c).unwrap(), [1, 0]);
     }
 

@@ -88,3 +88,16 @@ pub fn file_names(dir: &std::path::Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The JPEG with its frame header claiming `w` x `h` pixels: a decompression bomb of a few
+/// hundred bytes.
+pub fn jpeg_claiming(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
+    let mut bytes = jpeg.to_vec();
+    let sof = bytes
+        .windows(2)
+        .position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1]))
+        .expect("a JPEG frame header");
+    bytes[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+    bytes
+}
