@@ -286,8 +286,8 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
 
     // An --init file of the wrong architecture names the first bad tensor.
     let wrong = dir.path().join("wrong.h5");
-    {
-        let f = hdf5::File::create(&wrong).unwrap();
+    common::write_hdf5_for_child(&wrong, |scratch| {
+        let f = hdf5::File::create(scratch).unwrap();
         let names = [hdf5::types::VarLenAscii::from_ascii("stem_conv").unwrap()];
         f.new_attr::<hdf5::types::VarLenAscii>()
             .shape(1)
@@ -309,7 +309,7 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
             .shape([3, 3, 3, 48])
             .create("kernel:0")
             .unwrap();
-    }
+    });
     let stderr = fail(run(&[
         "--run",
         "wrong-init",

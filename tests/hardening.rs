@@ -378,7 +378,9 @@ fn nan_weights_are_refused_naming_the_file_and_tensor() {
     );
     poison(&vs);
     let h5 = dir.path().join("nan.hdf5");
-    trainer::model::keras::save_weights(&vs, &h5).unwrap();
+    common::write_hdf5_for_child(&h5, |scratch| {
+        trainer::model::keras::save_weights(&vs, scratch).unwrap()
+    });
     let out = infer(dir.path(), &h5, &input, &[]);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
@@ -386,6 +388,40 @@ fn nan_weights_are_refused_naming_the_file_and_tensor() {
         err.contains("nan.hdf5: tensor") && err.contains("not finite"),
         "{err}"
     );
+}
+
+#[test]
+fn weights_locked_by_a_writer_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = a_book(dir.path());
+    let weights = dir.path().join("busy.hdf5");
+    std::fs::copy(keras_model(), &weights).unwrap();
+    // A writer's exclusive lock, as HDF5 itself takes it (flock).
+    let writer = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&weights)
+        .unwrap();
+    writer.lock().unwrap();
+    let out = infer(dir.path(), &weights, &input, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("busy.hdf5") && err.contains("HDF5_USE_FILE_LOCKING=FALSE"),
+        "{err}"
+    );
+    let out = common::trainer()
+        .current_dir(dir.path())
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .args(["infer", "--device", "cpu", "--weights"])
+        .arg(&weights)
+        .arg("--input")
+        .arg(&input)
+        .args(["--output", "out"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(writer);
 }
 
 #[test]

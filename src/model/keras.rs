@@ -204,7 +204,7 @@ pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
     }
     let file = hdf5::File::open(path).map_err(|e| KerasError::Open {
         file: file_name.clone(),
-        reason: e.to_string(),
+        reason: open_failure(&e.to_string()),
     })?;
     let (root, layout) = match file.group("model_weights") {
         Ok(g) => (g, KerasLayout::FullModel),
@@ -455,6 +455,20 @@ pub fn original_layer_names() -> Vec<String> {
     );
     names.extend(HEAD_LAYERS.map(String::from));
     names
+}
+
+/// HDF5's reason for a failed open, with what to do when the file is locked: HDF5 takes a
+/// `flock` on every file it opens, held by a writer still running (or a process that inherited
+/// its descriptor), and refused on some network filesystems.
+fn open_failure(reason: &str) -> String {
+    if reason.contains("unable to lock file") {
+        format!(
+            "{reason}; another process holds it open for writing (wait for it to finish), or \
+             the filesystem does not support locks (set HDF5_USE_FILE_LOCKING=FALSE)"
+        )
+    } else {
+        reason.to_string()
+    }
 }
 
 /// Writes the model as a Keras legacy HDF5 weights file, the layout of `model.save_weights`:

@@ -101,3 +101,15 @@ pub fn jpeg_claiming(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
     bytes[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
     bytes
 }
+
+/// Writes an HDF5 file in this process for a child `trainer` to read. HDF5 opens files without
+/// close-on-exec and holds an exclusive `flock` on them, so a `trainer` spawned meanwhile by a
+/// test on another thread inherits the lock and a reader of the same inode fails to lock it.
+/// The file is written under a scratch name and copied: the copy is a new inode nobody locked.
+#[allow(dead_code)]
+pub fn write_hdf5_for_child(path: &std::path::Path, write: impl FnOnce(&std::path::Path)) {
+    let scratch = path.with_extension("scratch.h5");
+    write(&scratch);
+    std::fs::copy(&scratch, path).expect("copy the HDF5 file");
+    std::fs::remove_file(&scratch).expect("remove the scratch HDF5 file");
+}
