@@ -20,6 +20,27 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .file("src/shim/amp.cpp")
         .compile("trainer_shim");
+    // The distributed engine (c10d: TCPStore, Gloo, Reducer). Its Gloo header includes gloo's
+    // own headers, which the wheel does not ship: Debian's libgloo-dev has them (scripts/setup
+    // installs it). Without them `trainer` is built without several-process training and says so.
+    println!("cargo:rerun-if-changed=src/shim/dist.cpp");
+    println!("cargo:rustc-check-cfg=cfg(trainer_dist)");
+    if std::path::Path::new("/usr/include/gloo/config.h").exists() {
+        cc::Build::new()
+            .cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+            .define("USE_C10D_GLOO", None)
+            .file("src/shim/dist.cpp")
+            .compile("trainer_dist");
+        println!("cargo:rustc-cfg=trainer_dist");
+    } else {
+        println!("cargo:warning=gloo headers not found (apt install libgloo-dev): building without several-process training");
+    }
     // The torch build, for `trainer doctor` and the GPU diagnosis: version and CUDA version
     // ("" for a CPU build), from the wheel's version.py beside lib/.
     let version_py = std::path::Path::new(&lib).join("../version.py");

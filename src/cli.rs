@@ -181,7 +181,8 @@ pub struct FitArgs {
     /// settings; --epochs, --data, --weights-dir, --device, --precision and --memory-format may
     /// be given, the other training settings may not.
     #[arg(long, conflicts_with_all = ["init", "run", "runs_dir", "taxonomy", "batch_size", "lr",
-        "seed", "val_fraction", "augment", "image_size", "drop_connect"])]
+        "seed", "val_fraction", "augment", "image_size", "drop_connect", "recipe", "lr_schedule",
+        "warmup_epochs", "ema", "precise_bn", "patience", "pos_weight", "freeze_backbone_epochs"])]
     pub resume: Option<PathBuf>,
     /// Run name: its folder is RUNS_DIR/<name>. Default: the next free fit, fit2, ...
     #[arg(long, value_parser = run_name)]
@@ -199,9 +200,42 @@ pub struct FitArgs {
     /// Images per training step (1 to 4096).
     #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: u32,
-    /// Adam learning rate, a positive number.
-    #[arg(long, default_value_t = 1e-4, value_parser = learning_rate, allow_negative_numbers = true)]
-    pub lr: f64,
+    /// Adam learning rate (the peak, with a schedule), a positive number. Default: 1e-4 (the
+    /// original), 1e-3 with --recipe modern.
+    #[arg(long, value_parser = learning_rate, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// Training recipe: original (the Keras scripts': constant-rate Adam, nothing else) or modern
+    /// (lr 1e-3, --lr-schedule cosine, --warmup-epochs 1, --ema 0.998, --precise-bn 2048). The
+    /// options below override the preset's values.
+    #[arg(long, value_enum, default_value = "original")]
+    pub recipe: crate::train::recipe::Recipe,
+    /// Learning-rate schedule after the warm-up: constant, or cosine decay to zero at the last
+    /// epoch (SGDR, Loshchilov & Hutter 2017).
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<crate::train::recipe::LrSchedule>,
+    /// Epochs of linear learning-rate warm-up at the start (Goyal et al. 2017), 0 to --epochs.
+    #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    pub warmup_epochs: Option<f64>,
+    /// Validate, checkpoint and export an exponential moving average of the weights with this
+    /// decay, in [0, 1) (as timm's ModelEma; warmed up as TensorFlow's ExponentialMovingAverage).
+    /// 0 turns the preset's off.
+    #[arg(long, value_parser = parse_fraction, allow_negative_numbers = true)]
+    pub ema: Option<f64>,
+    /// Recompute batch-norm statistics over this many training images before each validation and
+    /// checkpoint (precise BN, Wu & Johnson 2021); 0: off, the running averages of training.
+    #[arg(long, value_parser = usize_in(0, 10_000_000))]
+    pub precise_bn: Option<usize>,
+    /// Stop after this many epochs without a lower validation loss (1 to 1000000); the reason is
+    /// printed and written to the run's stopped.txt.
+    #[arg(long, value_parser = usize_in(1, crate::train::fit::MAX_EPOCHS))]
+    pub patience: Option<usize>,
+    /// Weight of each label's positives in the loss: none, or auto (negatives/positives of the
+    /// training split, for rare labels).
+    #[arg(long, value_enum)]
+    pub pos_weight: Option<crate::train::recipe::PosWeight>,
+    /// Train only the head for this many epochs first (for --init from ImageNet).
+    #[arg(long, value_parser = usize_in(0, crate::train::fit::MAX_EPOCHS))]
+    pub freeze_backbone_epochs: Option<usize>,
     /// Seed of the split, the shuffles, the augmentations and drop-connect.
     #[arg(long, default_value_t = 777)]
     pub seed: u64,
@@ -254,6 +288,10 @@ fn number_in(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> Result<f64, Stri
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
     number_in(s, |v| (0.0..1.0).contains(&v), "[0, 1)")
+}
+
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    number_in(s, |v| v >= 0.0, "[0, inf)")
 }
 
 fn learning_rate(s: &str) -> Result<f64, String> {

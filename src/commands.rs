@@ -13,6 +13,7 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
 use crate::train::amp::Precision;
 use crate::train::fit::{self, FitSettings};
+use crate::train::recipe::{Recipe, RecipeSettings};
 
 /// The model of `infer` and `eval`, in fp32 unless another precision is asked for.
 fn load_model(
@@ -94,7 +95,9 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             (settings, run_dir.clone(), true)
         }
         None => {
+            let recipe = recipe_settings(&args);
             let settings = FitSettings {
+                recipe,
                 data: args.data.unwrap_or_else(|| "datasetpdm".into()),
                 taxonomy: args.taxonomy,
                 weights_dir: args
@@ -104,7 +107,10 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 val_fraction: args.val_fraction,
                 augment: args.augment,
                 image_size: args.image_size as usize,
-                lr: args.lr,
+                lr: args.lr.unwrap_or(match args.recipe {
+                    Recipe::Original => 1e-4,
+                    Recipe::Modern => RecipeSettings::MODERN_LR,
+                }),
                 batch_size: args.batch_size as usize,
                 epochs: args.epochs.unwrap_or(100),
                 drop_connect: args.drop_connect,
@@ -131,8 +137,15 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     eprintln!(
-        "done: {} epochs; best validation loss {}; checkpoints in {}, Keras weights in {}",
+        "done: {} epochs{}; best validation loss {}; checkpoints in {}, Keras weights in {}",
         s.epochs_done,
+        match s.stopped {
+            Some(_) => format!(
+                " (stopped early, see {})",
+                run_dir.join(fit::STOPPED).display()
+            ),
+            None => String::new(),
+        },
         s.best_val_loss
             .map(|v| format!("{v:.4}"))
             .unwrap_or_else(|| "- (no validation)".into()),
@@ -309,4 +322,25 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The `--recipe` preset with the options given on the command line in place of its values.
+fn recipe_settings(args: &FitArgs) -> RecipeSettings {
+    let preset = RecipeSettings::preset(args.recipe);
+    RecipeSettings {
+        preset: args.recipe,
+        lr_schedule: args.lr_schedule.unwrap_or(preset.lr_schedule),
+        warmup_epochs: args.warmup_epochs.unwrap_or(preset.warmup_epochs),
+        ema: match args.ema {
+            Some(d) if d > 0.0 => Some(d),
+            Some(_) => None,
+            None => preset.ema,
+        },
+        precise_bn: args.precise_bn.unwrap_or(preset.precise_bn),
+        patience: args.patience.or(preset.patience),
+        pos_weight: args.pos_weight.unwrap_or(preset.pos_weight),
+        freeze_backbone_epochs: args
+            .freeze_backbone_epochs
+            .unwrap_or(preset.freeze_backbone_epochs),
+    }
 }

@@ -406,6 +406,7 @@ fn save_thresholds(model: &LoadedModel, opts: &EvalOptions, thresholds: &[f32]) 
         seed: 0,
         val_loss: None,
         best_val_loss: None,
+        best_epoch: None,
         history: Vec::new(),
         tensors_sha256: None,
         settings: serde_json::json!({ "imported_from": opts.weights.display().to_string() }),

@@ -220,6 +220,7 @@ fn checkpoint_with(
         seed: 1,
         val_loss: None,
         best_val_loss: None,
+        best_epoch: None,
         settings: serde_json::json!({}),
         history: Vec::new(),
         tensors_sha256: None,

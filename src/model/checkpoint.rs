@@ -71,6 +71,9 @@ pub struct CheckpointMeta {
     /// `results.csv` rows of every epoch up to this one, so the CSV can always be rebuilt.
     #[serde(default)]
     pub history: Vec<String>,
+    /// The epoch of `best_val_loss` (early stopping counts from it).
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
     /// SHA-256 of the tensors (names, shapes and bytes, in name order), filled in when written.
     #[serde(default)]
     pub tensors_sha256: Option<String>,
@@ -195,6 +198,11 @@ fn to_bytes(tensors: &[&Tensor]) -> Result<Vec<(Vec<usize>, Vec<u8>)>> {
     Ok(out)
 }
 
+/// Prefix of the model's tensors: the weights that are validated and used.
+pub const MODEL: &str = "model.";
+/// Prefix of the trained weights, where a run validates others (their moving average).
+pub const TRAINED: &str = "train.";
+
 /// Writes a checkpoint atomically.
 pub fn save(
     path: &Path,
@@ -205,7 +213,7 @@ pub fn save(
     let mut named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .map(|(k, t)| (format!("model.{k}"), t))
+        .map(|(k, t)| (format!("{MODEL}{k}"), t))
         .collect();
     named.extend(
         optimizer
@@ -312,9 +320,14 @@ impl Checkpoint {
     /// Copies the model tensors into a VarStore built for this checkpoint; every variable must be
     /// there with the same shape.
     pub fn load_model(&self, vs: &VarStore, file: &Path) -> Result<()> {
+        self.load_prefixed(vs, MODEL, file)
+    }
+
+    /// As [`Checkpoint::load_model`], from the tensors named `<prefix><variable>`.
+    pub fn load_prefixed(&self, vs: &VarStore, prefix: &str, file: &Path) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in vs.variables() {
-                let key = format!("model.{name}");
+                let key = format!("{prefix}{name}");
                 let src = self
                     .tensors
                     .get(&key)

@@ -401,14 +401,21 @@ impl Tagger {
     }
 }
 
-impl ModuleT for Tagger {
-    /// `xs`: float NCHW in [0, 1], BGR channel order. Returns logits (N, num_classes).
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.features_t(xs, train)
+impl Tagger {
+    /// The head: logits from the pooled features.
+    pub fn head(&self, features: &Tensor) -> Tensor {
+        features
             .apply(&self.dense)
             .apply(&self.dense_1)
             .relu()
             .apply(&self.dense_2)
+    }
+}
+
+impl ModuleT for Tagger {
+    /// `xs`: float NCHW in [0, 1], BGR channel order. Returns logits (N, num_classes).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.head(&self.features_t(xs, train))
     }
 }
 

@@ -13,6 +13,8 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::adam::Adam;
 use super::amp::{self, Precision};
+use super::recipe::{self, PosWeight, RecipeSettings};
+use super::shadow::{self, Shadow};
 use crate::data::augment::{self, Augment};
 use crate::data::dataset;
 use crate::data::split::split_indices;
@@ -45,6 +47,9 @@ pub struct FitSettings {
     /// Activations and convolution kernels in channels-last memory order.
     #[serde(default)]
     pub channels_last: bool,
+    /// The recipe's options beyond the original's (all off in the original recipe).
+    #[serde(default)]
+    pub recipe: RecipeSettings,
 }
 
 fn fp32() -> Precision {
@@ -89,7 +94,10 @@ impl FitSettings {
         ];
         match checks.into_iter().find(|(ok, _)| !ok) {
             Some((_, message)) => bail!("{message}"),
-            None => Ok(()),
+            None => self
+                .recipe
+                .validate(self.epochs)
+                .map_err(anyhow::Error::msg),
         }
     }
 }
@@ -101,6 +109,8 @@ pub struct FitSummary {
     pub epochs_done: usize,
     pub best_val_loss: Option<f64>,
     pub interrupted: bool,
+    /// Why the run ended before its last epoch (early stopping).
+    pub stopped: Option<String>,
 }
 
 pub const VAL_LIST: &str = "val.txt";
@@ -108,6 +118,8 @@ pub const RESULTS: &str = "results.csv";
 pub const LAST: &str = "last.ckpt";
 pub const BEST: &str = "best.ckpt";
 pub const SETTINGS: &str = "settings.json";
+/// Written when early stopping ends a run: the reason.
+pub const STOPPED: &str = "stopped.txt";
 
 /// The next free run folder: `runs/fit`, `runs/fit2`, ...
 pub fn next_run_dir(runs: &Path) -> PathBuf {
@@ -339,16 +351,54 @@ fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy) -> Result<Stri
     Ok(format!("trainer checkpoint, epoch {}", ckpt.meta.epoch))
 }
 
+/// The model being trained, its optimizer, and the weights that are validated when the recipe
+/// makes them differ from the trained ones.
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub net: Tagger,
+    pub adam: Adam,
+    /// The moving average or precise-BN copy (with drop-connect off) that is validated,
+    /// checkpointed as the model and exported.
+    pub shadow: Option<(Shadow, Tagger)>,
+    pub start_epoch: usize,
+    pub best: Option<f64>,
+    pub best_epoch: Option<usize>,
+}
+
+impl Model {
+    /// The weights that are validated, checkpointed as the model and exported.
+    pub fn used(&self) -> (&nn::VarStore, &Tagger) {
+        match &self.shadow {
+            Some((s, net)) => (&s.vs, net),
+            None => (&self.vs, &self.net),
+        }
+    }
+
+    /// The optimizer's state, and the trained weights where the model's are others, for a
+    /// checkpoint.
+    fn extra_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut state = self.adam.state();
+        if self.shadow.is_some() {
+            state.extend(
+                self.vs
+                    .variables()
+                    .into_iter()
+                    .map(|(k, t)| (format!("{}{k}", checkpoint::TRAINED), t)),
+            );
+        }
+        state
+    }
+}
+
 /// The model (from the previous checkpoint, `--init` or the seed) in the run's memory format, and
 /// Adam with its moments made after the layout change, so each has its parameter's strides (the
-/// multi-tensor kernels keep their fast path only with one layout across the lists). Returns the
-/// first epoch to train and the best validation loss so far.
+/// multi-tensor kernels keep their fast path only with one layout across the lists).
 pub fn model_and_optimizer(
     settings: &FitSettings,
     taxonomy: &Taxonomy,
     previous: Option<(&Checkpoint, &Path)>,
     device: Device,
-) -> Result<(nn::VarStore, Tagger, Adam, usize, Option<f64>)> {
+) -> Result<Model> {
     // The initial weights of what --init does not set come from the seed.
     tch::manual_seed(settings.seed as i64);
     let vs = nn::VarStore::new(device);
@@ -357,11 +407,16 @@ pub fn model_and_optimizer(
         drop_connect: settings.drop_connect,
     };
     let net = Tagger::new(&vs.root(), config);
-    let (mut start_epoch, mut best) = (1, None);
+    let uses_shadow = settings.recipe.ema.is_some() || settings.recipe.precise_bn > 0;
+    let (mut start_epoch, mut best, mut best_epoch) = (1, None, None);
     if let Some((prev, file)) = previous {
-        prev.load_model(&vs, file)?;
+        match uses_shadow {
+            true => prev.load_prefixed(&vs, checkpoint::TRAINED, file)?,
+            false => prev.load_model(&vs, file)?,
+        }
         start_epoch = prev.meta.epoch + 1;
         best = prev.meta.best_val_loss;
+        best_epoch = prev.meta.best_epoch;
     } else if let Some(init) = &settings.init {
         eprintln!("init: {}", load_init(init, &vs, taxonomy)?);
     } else {
@@ -372,6 +427,27 @@ pub fn model_and_optimizer(
     if settings.channels_last {
         amp::vars_to_channels_last(&vs);
     }
+    let shadow = match uses_shadow {
+        true => {
+            let svs = nn::VarStore::new(device);
+            let snet = Tagger::new(
+                &svs.root(),
+                TaggerConfig {
+                    drop_connect: 0.0,
+                    ..config
+                },
+            );
+            if settings.channels_last {
+                amp::vars_to_channels_last(&svs);
+            }
+            let shadow = Shadow::new(svs, &vs);
+            if let Some((prev, file)) = previous {
+                prev.load_model(&shadow.vs, file)?;
+            }
+            Some((shadow, snet))
+        }
+        false => None,
+    };
     let mut adam = Adam::new(&vs, settings.lr);
     if device.is_cuda() {
         // One kernel launch for every parameter instead of six multi-tensor ones.
@@ -382,7 +458,49 @@ pub fn model_and_optimizer(
             prev.tensors.get(k).map(|t| t.to_device(device))
         })?;
     }
-    Ok((vs, net, adam, start_epoch, best))
+    Ok(Model {
+        vs,
+        net,
+        adam,
+        shadow,
+        start_epoch,
+        best,
+        best_epoch,
+    })
+}
+
+/// Brings the used weights up to date at the end of an epoch: the shadow copy (without EMA) and
+/// the precise batch-norm statistics over the first `--precise-bn` images of the epoch's order,
+/// without augmentation.
+fn update_used_weights(model: &Model, settings: &FitSettings, pixels: &Tensor, order: &Tensor) {
+    let Some((shadow, net)) = &model.shadow else {
+        return;
+    };
+    if settings.recipe.ema.is_none() {
+        shadow.copy();
+    }
+    let images = settings.recipe.precise_bn.min(order.size()[0] as usize) as i64;
+    if images == 0 {
+        return;
+    }
+    let bs = settings.batch_size as i64;
+    let device = order.device();
+    let batches = (0..images).step_by(bs as usize).map(|start| {
+        let ids = order.narrow(0, start, bs.min(images - start));
+        let px = pixels.index_select(0, &ids.to_device(pixels.device()));
+        amp::layout(
+            &augment::to_input(&px.to_device(device)),
+            settings.channels_last,
+        )
+    });
+    shadow::precise_bn(
+        &shadow.vs,
+        crate::model::efficientnet::BN_MOMENTUM,
+        batches,
+        |x| {
+            let _ = net.forward_t(x, true);
+        },
+    );
 }
 
 /// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
@@ -476,12 +594,29 @@ pub fn fit(
         run_dir.display()
     );
 
-    let (vs, net, mut adam, start_epoch, mut best) = model_and_optimizer(
+    let mut model = model_and_optimizer(
         settings,
         &taxonomy,
         previous.as_ref().map(|p| (p, last_path.as_path())),
         device,
     )?;
+    let (start_epoch, mut best, mut best_epoch) = (model.start_epoch, model.best, model.best_epoch);
+    let pos_weight = (settings.recipe.pos_weight == PosWeight::Auto).then(|| {
+        let rows: Vec<usize> = train_idx.iter().map(|&i| i as usize).collect();
+        let w = recipe::pos_weights(&to_vec(&cache.targets), labels.len(), &rows);
+        let shown: Vec<String> = labels
+            .iter()
+            .zip(&w)
+            .map(|(l, w)| format!("{l} {w:.2}"))
+            .collect();
+        eprintln!(
+            "pos_weight (negatives/positives of the training split): {}",
+            shown.join(", ")
+        );
+        Tensor::from_slice(&w)
+            .to_kind(Kind::Float)
+            .to_device(device)
+    });
     if let Some(prev) = &previous {
         eprintln!(
             "resuming {} after epoch {}",
@@ -546,6 +681,7 @@ pub fn fit(
         epochs_done: start_epoch - 1,
         best_val_loss: best,
         interrupted: false,
+        stopped: None,
     };
     let mut inputs = StaticInputs::new(bs, settings.augment == Augment::Original, device);
     for epoch in start_epoch..=settings.epochs {
@@ -595,16 +731,38 @@ pub fn fit(
             };
             let x = amp::layout(&x, settings.channels_last);
             let y = targets.index_select(0, &ids);
-            let logits = amp::autocast(settings.precision, device, || net.forward_t(&x, true));
+            let (net, adam) = (&model.net, &mut model.adam);
+            adam.lr = settings.recipe.lr_at(
+                settings.lr,
+                (epoch - 1) * steps + step,
+                steps,
+                settings.epochs,
+            );
+            // While the backbone is frozen only the head gets gradients.
+            let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
+            let logits = amp::autocast(settings.precision, device, || match frozen {
+                true => net.head(&net.features_t(&x, true).detach()),
+                false => net.forward_t(&x, true),
+            });
             let loss = logits
                 .to_kind(Kind::Float)
-                .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
+                .binary_cross_entropy_with_logits::<&Tensor>(
+                    &y,
+                    None,
+                    pos_weight.as_ref(),
+                    Reduction::Mean,
+                );
             adam.zero_grad();
             if settings.precision == Precision::Fp16 {
-                scaler.backward_and_step(&loss, &mut adam)?;
+                scaler.backward_and_step(&loss, adam)?;
             } else {
                 loss.backward();
                 adam.step();
+            }
+            if let (Some(decay), Some((shadow, _))) =
+                (settings.recipe.ema_decay(adam.step), &model.shadow)
+            {
+                shadow.average(decay);
             }
             tch::no_grad(|| {
                 let _ = loss_acc
@@ -635,10 +793,12 @@ pub fn fit(
         bar.finish_and_clear();
         let train_time = t0.elapsed().as_secs_f64();
         let train_loss = loss_so_far;
+        update_used_weights(&model, settings, &pixels, &order_t);
+        let (used_vs, used_net) = model.used();
 
         let validation = (!val_idx.is_empty()).then(|| {
             let (probs, loss) = evaluate(
-                &net,
+                used_net,
                 &pixels,
                 &targets,
                 &val_idx,
@@ -669,12 +829,13 @@ pub fn fit(
         };
         if improved {
             best = val_loss;
+            best_epoch = Some(epoch);
         }
         let row = results_row(
             epoch,
             train_loss,
             validation.as_ref(),
-            settings.lr,
+            model.adam.lr,
             epoch_time,
             images_per_s,
             labels.len(),
@@ -688,18 +849,19 @@ pub fn fit(
             preprocessing: Preprocessing::original(settings.image_size),
             thresholds: vec![DEFAULT_INFER_THRESHOLD; labels.len()],
             drop_connect: settings.drop_connect,
-            optimizer_step: adam.step,
+            optimizer_step: model.adam.step,
             seed: settings.seed,
             val_loss,
             best_val_loss: best,
+            best_epoch,
             settings: serde_json::to_value(settings)?,
             history: history.clone(),
             tensors_sha256: None,
         };
-        let state = adam.state();
-        checkpoint::save(&last_path, &meta, &vs, &state)?;
+        let state = model.extra_tensors();
+        checkpoint::save(&last_path, &meta, used_vs, &state)?;
         if improved {
-            checkpoint::save(&run_dir.join(BEST), &meta, &vs, &state)?;
+            checkpoint::save(&run_dir.join(BEST), &meta, used_vs, &state)?;
         }
         write_results(&csv_path, &labels, &history)?;
         if improved {
@@ -707,7 +869,7 @@ pub fn fit(
                 Some(v) => format!("val_loss{v:.3}.hdf5"),
                 None => format!("loss{train_loss:.3}.hdf5"),
             };
-            keras::save_weights(&vs, &settings.weights_dir.join(name)).with_context(|| {
+            keras::save_weights(used_vs, &settings.weights_dir.join(name)).with_context(|| {
                 format!("epoch {epoch} is checkpointed in {}", last_path.display())
             })?;
         }
@@ -726,6 +888,13 @@ pub fn fit(
         }
         summary.epochs_done = epoch;
         summary.best_val_loss = best;
+        let stop = recipe::stop_reason(settings.recipe.patience, epoch, best_epoch, best);
+        if let Some(reason) = stop.filter(|_| epoch < settings.epochs) {
+            eprintln!("{reason}");
+            write_atomic(&run_dir.join(STOPPED), format!("{reason}\n").as_bytes())?;
+            summary.stopped = Some(reason);
+            break;
+        }
     }
     Ok(summary)
 }
@@ -881,8 +1050,9 @@ mod tests {
             init: None,
             precision: Precision::Fp32,
             channels_last: true,
+            recipe: Default::default(),
         };
-        let (vs, _, adam, _, _) =
+        let Model { vs, adam, .. } =
             model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu).unwrap();
         let state: std::collections::HashMap<String, Tensor> = adam.state().into_iter().collect();
         let vars = vs.variables();

@@ -3,3 +3,5 @@
 pub mod adam;
 pub mod amp;
 pub mod fit;
+pub mod recipe;
+pub mod shadow;

@@ -1,0 +1,167 @@
+// PyTorch's distributed engine (c10d) for `trainer fit` on several processes: TCPStore
+// rendezvous, the Gloo process group, its collectives, and c10d::Reducer (DDP's gradient
+// bucketing, which all-reduces buckets of gradients while backward runs). Compiled with
+// USE_C10D_GLOO against the torch wheel's headers and gloo's (Debian's libgloo-dev); gloo's code
+// itself is libtorch's. Plain C entry points for Rust; every C++ exception becomes an error
+// string.
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+void copy_error(const std::exception& e, char* err, int len) {
+  if (len > 0) {
+    std::strncpy(err, e.what(), static_cast<size_t>(len - 1));
+    err[len - 1] = '\0';
+  }
+}
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  std::chrono::milliseconds timeout;
+};
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+// One tensor per collective, contiguous, as Gloo wants; waits for completion.
+int run(c10::intrusive_ptr<c10d::Work> work, char* err, int errlen) {
+  try {
+    work->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+}  // namespace
+
+extern "C" {
+
+// Joins the job: the TCPStore at host:port (served by rank 0), then a Gloo process group of
+// `world` ranks. `iface` (GLOO_SOCKET_IFNAME) picks the network interface; otherwise loopback for
+// a local job, the host's own address for a multi-node one. Returns null with `err` on failure.
+void* trainer_dist_init(const char* host, int port, int rank, int world, int timeout_s,
+                        const char* iface, char* err, int errlen) {
+  try {
+    auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s) * 1000);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = rank == 0;
+    opts.numWorkers = static_cast<std::size_t>(world);
+    opts.waitWorkers = true;
+    opts.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    const std::string h(host);
+    if (iface != nullptr && iface[0] != '\0') {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else if (is_loopback(h)) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
+    pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    return new Group{store, pg, timeout};
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return nullptr;
+  }
+}
+
+void trainer_dist_free(void* group) { delete static_cast<Group*>(group); }
+
+// t = sum over ranks of t, in place.
+int trainer_dist_allreduce_sum(void* group, at::Tensor* t, char* err, int errlen) {
+  try {
+    std::vector<at::Tensor> ts{*t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    return run(static_cast<Group*>(group)->pg->allreduce(ts, o), err, errlen);
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
+// t = rank `root`'s t, in place.
+int trainer_dist_broadcast(void* group, at::Tensor* t, int root, char* err, int errlen) {
+  try {
+    std::vector<at::Tensor> ts{*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    return run(static_cast<Group*>(group)->pg->broadcast(ts, o), err, errlen);
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
+int trainer_dist_barrier(void* group, char* err, int errlen) {
+  try {
+    return run(static_cast<Group*>(group)->pg->barrier(), err, errlen);
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
+// DDP's gradient engine over `params` (all of which get a gradient in every step), in buckets of
+// at most `bucket_bytes` (the first 1 MiB, as DDP does), in reverse order of the parameters so
+// the first buckets fill early in backward.
+void* trainer_reducer_new(void* group, at::Tensor** params, int n, int64_t bucket_bytes,
+                          char* err, int errlen) {
+  try {
+    std::vector<at::Tensor> ps;
+    ps.reserve(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) ps.push_back(*params[i]);
+    const int64_t first = 1024 * 1024;
+    auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(
+        ps, {static_cast<size_t>(first), static_cast<size_t>(bucket_bytes)},
+        std::vector<bool>(ps.size(), false));
+    std::reverse(buckets.begin(), buckets.end());
+    (void)limits;
+    return new c10d::Reducer(ps, buckets, static_cast<Group*>(group)->pg,
+                             std::vector<bool>(ps.size(), false), bucket_bytes,
+                             /*find_unused_parameters=*/false,
+                             /*gradient_as_bucket_view=*/false, {}, first,
+                             /*skip_all_reduce_unused_params=*/false,
+                             /*use_python_reducer=*/false, {});
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return nullptr;
+  }
+}
+
+// Before each backward pass: arms the reducer's autograd hooks for it.
+int trainer_reducer_prepare(void* reducer, char* err, int errlen) {
+  try {
+    static_cast<c10d::Reducer*>(reducer)->prepare_for_backward({});
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
+void trainer_reducer_free(void* reducer) {
+  try {
+    delete static_cast<c10d::Reducer*>(reducer);
+  } catch (...) {
+  }
+}
+}
