@@ -260,9 +260,22 @@ pub struct FitArgs {
     /// both CUDA and CPU.
     #[arg(long, value_enum)]
     pub memory_format: Option<MemoryFormat>,
-    /// auto, cpu, cuda or cuda:N.
+    /// auto, cpu, cuda or cuda:N (with several ranks: rank i on cuda:LOCAL_RANK).
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
+    /// Start N ranks on this machine, as `torchrun --nproc-per-node N` does: rank i on cuda:i,
+    /// or N CPU processes (Gloo). Under torchrun or srun, leave it out: RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR and MASTER_PORT make this process one rank.
+    #[arg(long, value_parser = usize_in(1, 1024))]
+    pub nproc_per_node: Option<usize>,
+    /// Micro-batches per optimizer step on each rank, their gradients accumulated; --batch-size
+    /// stays the global batch of one step and must divide by ranks x accumulate. May change on
+    /// --resume.
+    #[arg(long, value_parser = usize_in(1, 4096))]
+    pub accumulate: Option<usize>,
+    /// Seconds a rank waits for the others (at the start and in every exchange) before giving up.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86400))]
+    pub dist_timeout: u32,
 }
 
 /// `--memory-format`.

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cli::{EvalArgs, ExportArgs, ExportFormat, FetchArgs, FitArgs, InferArgs, MemoryFormat};
 use crate::device;
@@ -69,7 +69,31 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
 
 /// `trainer fit`.
 pub fn fit(args: FitArgs) -> Result<ExitCode> {
-    let device = args.device.resolve_for_training()?;
+    let job = crate::dist::Job::from_env(|k| std::env::var(k).ok())?;
+    if let Some(n) = args.nproc_per_node {
+        if job.is_some() {
+            bail!("--nproc-per-node starts ranks itself; under torchrun or srun (WORLD_SIZE is set), leave it out");
+        }
+        let all: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return crate::launch::run_local(n, crate::launch::without_nproc(&all));
+    }
+    let mut device = args.device.resolve_for_training()?;
+    let group = match &job {
+        Some(job) => {
+            if job.rank != 0 {
+                crate::progress::set_quiet();
+            }
+            if device.is_cuda() {
+                device = tch::Device::Cuda(job.local_rank);
+            } else if std::env::var_os("OMP_NUM_THREADS").is_none() {
+                // The machine's cores shared among the local ranks.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tch::set_num_threads((cores / job.local_world.max(1)).max(1) as i32);
+            }
+            Some(crate::dist::Group::join(job, args.dist_timeout)?)
+        }
+        None => None,
+    };
     let (settings, run_dir, resume) = match &args.resume {
         Some(run_dir) => {
             let ckpt = Checkpoint::read(&run_dir.join(fit::LAST))
@@ -92,12 +116,16 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             if let Some(m) = args.memory_format {
                 settings.channels_last = channels_last(m);
             }
+            if let Some(k) = args.accumulate {
+                settings.accumulate = k;
+            }
             (settings, run_dir.clone(), true)
         }
         None => {
             let recipe = recipe_settings(&args);
             let settings = FitSettings {
                 recipe,
+                accumulate: args.accumulate.unwrap_or(1),
                 data: args.data.unwrap_or_else(|| "datasetpdm".into()),
                 taxonomy: args.taxonomy,
                 weights_dir: args
@@ -125,8 +153,16 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             (settings, run_dir, false)
         }
     };
-    eprintln!("device: {}", device::describe(device));
-    let s = fit::fit(&settings, &run_dir, resume, device)?;
+    if !crate::progress::quiet() {
+        eprintln!("device: {}", device::describe(device));
+    }
+    let s = fit::fit(&settings, &run_dir, resume, device, group)?;
+    if crate::progress::quiet() {
+        return Ok(match s.interrupted {
+            true => ExitCode::from(130),
+            false => ExitCode::SUCCESS,
+        });
+    }
     if s.interrupted {
         eprintln!(
             "interrupted: {} holds epoch {}; continue with: trainer fit --resume {}",

@@ -2,6 +2,7 @@
 //! src/shim/dist.cpp: the job's shape from torchrun's environment variables, a Gloo process group
 //! with its collectives, and c10d's Reducer (DDP's gradient bucketing during backward).
 
+#[cfg_attr(not(trainer_dist), allow(unused_imports))]
 use std::ffi::{c_char, c_int, CStr, CString};
 
 use anyhow::{bail, Context, Result};
@@ -64,6 +65,7 @@ impl Job {
     }
 }
 
+#[cfg_attr(not(trainer_dist), allow(dead_code))]
 type CTensorPtr = *mut torch_sys::C_tensor;
 
 #[cfg(trainer_dist)]
@@ -100,11 +102,21 @@ extern "C" {
         err: *mut c_char,
         errlen: c_int,
     ) -> *mut std::ffi::c_void;
-    fn trainer_reducer_prepare(r: *mut std::ffi::c_void, err: *mut c_char, errlen: c_int)
-        -> c_int;
+    fn trainer_reducer_prepare(r: *mut std::ffi::c_void, err: *mut c_char, errlen: c_int) -> c_int;
     fn trainer_reducer_free(r: *mut std::ffi::c_void);
 }
 
+/// Why a build without gloo's headers cannot train on several ranks.
+#[cfg_attr(trainer_dist, allow(dead_code))]
+const NO_ENGINE: &str = "this trainer was built without the distributed engine (gloo's headers were missing): apt install libgloo-dev, then rebuild";
+
+/// In a build without the engine no group can exist; this only names the arguments.
+#[cfg(not(trainer_dist))]
+fn no_engine<T>(_args: T) -> Result<(), String> {
+    Err(NO_ENGINE.into())
+}
+
+#[cfg_attr(not(trainer_dist), allow(dead_code))]
 /// Calls `f` with an error buffer; its text when `f` reports failure.
 fn with_error(f: impl FnOnce(*mut c_char, c_int) -> bool) -> Result<(), String> {
     let mut buf = vec![0 as c_char; 4096];
@@ -113,9 +125,15 @@ fn with_error(f: impl FnOnce(*mut c_char, c_int) -> bool) -> Result<(), String> 
     }
     // SAFETY: the shim wrote a NUL-terminated string into the buffer (or left it zeroed).
     let text = unsafe { CStr::from_ptr(buf.as_ptr()) };
-    Err(text.to_string_lossy().lines().next().unwrap_or("").to_string())
+    Err(text
+        .to_string_lossy()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string())
 }
 
+#[cfg_attr(not(trainer_dist), allow(dead_code))]
 fn ptr(t: &Tensor) -> CTensorPtr {
     t.as_ptr() as CTensorPtr
 }
@@ -167,7 +185,7 @@ impl Group {
 
     #[cfg(not(trainer_dist))]
     pub fn join(_job: &Job, _timeout_s: u32) -> Result<Group> {
-        bail!("this trainer was built without the distributed engine (gloo headers were missing): apt install libgloo-dev, then rebuild")
+        bail!("{NO_ENGINE}")
     }
 
     fn check(&self, what: &str, result: Result<(), String>) -> Result<()> {
@@ -187,7 +205,7 @@ impl Group {
             unsafe { trainer_dist_allreduce_sum(self.raw, ptr(t), err, len) == 0 }
         });
         #[cfg(not(trainer_dist))]
-        let r = Err(format!("{t:?}"));
+        let r = no_engine(t);
         self.check("a sum", r)
     }
 
@@ -199,7 +217,7 @@ impl Group {
             unsafe { trainer_dist_broadcast(self.raw, ptr(t), root as c_int, err, len) == 0 }
         });
         #[cfg(not(trainer_dist))]
-        let r = Err(format!("{t:?} {root}"));
+        let r = no_engine((t, root));
         self.check("a broadcast", r)
     }
 }
@@ -253,7 +271,7 @@ impl Reducer {
         #[cfg(not(trainer_dist))]
         {
             let _ = params;
-            Group::join(&group.job, 0).map(|_| unreachable!())
+            bail!("rank {}: {NO_ENGINE}", group.job.rank)
         }
     }
 
@@ -309,7 +327,10 @@ mod tests {
             (job.rank, job.world, job.local_rank, job.local_world),
             (3, 4, 1, 2)
         );
-        assert_eq!((job.master_addr.as_str(), job.master_port), ("node0", 29400));
+        assert_eq!(
+            (job.master_addr.as_str(), job.master_port),
+            ("node0", 29400)
+        );
     }
 
     /// A free TCP port on the loopback interface.
@@ -362,7 +383,9 @@ mod tests {
         assert!(err(&[("WORLD_SIZE", "2")]).contains("RANK"));
         assert!(err(&[("WORLD_SIZE", "two"), ("RANK", "0")]).contains("WORLD_SIZE=two"));
         assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "2")]).contains("do not fit"));
-        assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")])
-            .contains("MASTER_PORT=x"));
+        assert!(
+            err(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")])
+                .contains("MASTER_PORT=x")
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod fsutil;
 pub mod gpu;
 pub mod infer;
+pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod plots;

@@ -6,6 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// No progress bars and no informational lines from now on (ranks other than 0 of a job);
+/// errors and warnings still print.
+pub fn set_quiet() {
+    QUIET.store(true, Ordering::SeqCst);
+}
+
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::SeqCst)
+}
 
 /// Makes Ctrl-C set a flag that long loops check ([`interrupted`]) so they can stop cleanly and
 /// leave only whole files. A second Ctrl-C exits at once.
@@ -52,7 +63,7 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
 }
 
 fn draw_target() -> ProgressDrawTarget {
-    if std::io::stderr().is_terminal() {
+    if std::io::stderr().is_terminal() && !quiet() {
         ProgressDrawTarget::stderr()
     } else {
         ProgressDrawTarget::hidden()

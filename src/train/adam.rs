@@ -62,6 +62,11 @@ impl Adam {
         }
     }
 
+    /// The parameters it updates, in its order.
+    pub fn params(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
+    }
+
     /// Clears the gradients before a backward pass: set to none, as PyTorch does by default.
     pub fn zero_grad(&mut self) {
         let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();

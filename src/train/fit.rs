@@ -26,6 +26,15 @@ use crate::model::efficientnet::{Tagger, TaggerConfig};
 use crate::model::{is_hdf5, keras, DEFAULT_INFER_THRESHOLD};
 use crate::progress;
 
+/// Informational output: from rank 0 only when several ranks train.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !progress::quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
 /// The settings of a run, saved in its checkpoints so a resume continues with the same ones.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FitSettings {
@@ -50,6 +59,13 @@ pub struct FitSettings {
     /// The recipe's options beyond the original's (all off in the original recipe).
     #[serde(default)]
     pub recipe: RecipeSettings,
+    /// Micro-batches whose gradients one optimizer step accumulates (per rank).
+    #[serde(default = "one")]
+    pub accumulate: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn fp32() -> Precision {
@@ -90,6 +106,10 @@ impl FitSettings {
             (
                 (0.0..1.0).contains(&self.drop_connect),
                 format!("drop_connect {} must be in [0, 1)", self.drop_connect),
+            ),
+            (
+                (1..=MAX_BATCH).contains(&self.accumulate),
+                format!("accumulate {} must be in [1, {MAX_BATCH}]", self.accumulate),
             ),
         ];
         match checks.into_iter().find(|(ok, _)| !ok) {
@@ -398,6 +418,7 @@ pub fn model_and_optimizer(
     taxonomy: &Taxonomy,
     previous: Option<(&Checkpoint, &Path)>,
     device: Device,
+    rank0: bool,
 ) -> Result<Model> {
     // The initial weights of what --init does not set come from the seed.
     tch::manual_seed(settings.seed as i64);
@@ -408,6 +429,8 @@ pub fn model_and_optimizer(
     };
     let net = Tagger::new(&vs.root(), config);
     let uses_shadow = settings.recipe.ema.is_some() || settings.recipe.precise_bn > 0;
+    // Only rank 0 validates and writes, so only it keeps the used weights.
+    let keeps_shadow = uses_shadow && rank0;
     let (mut start_epoch, mut best, mut best_epoch) = (1, None, None);
     if let Some((prev, file)) = previous {
         match uses_shadow {
@@ -418,16 +441,17 @@ pub fn model_and_optimizer(
         best = prev.meta.best_val_loss;
         best_epoch = prev.meta.best_epoch;
     } else if let Some(init) = &settings.init {
-        eprintln!("init: {}", load_init(init, &vs, taxonomy)?);
+        let report = load_init(init, &vs, taxonomy)?;
+        say!("init: {report}");
     } else {
-        eprintln!(
+        say!(
             "warning: training from random weights; to start from ImageNet, pass --init with the Keras EfficientNet-B0 \"notop\" file (efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5)"
         );
     }
     if settings.channels_last {
         amp::vars_to_channels_last(&vs);
     }
-    let shadow = match uses_shadow {
+    let shadow = match keeps_shadow {
         true => {
             let svs = nn::VarStore::new(device);
             let snet = Tagger::new(
@@ -503,19 +527,19 @@ fn update_used_weights(model: &Model, settings: &FitSettings, pixels: &Tensor, o
     );
 }
 
-/// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
-/// comes from its checkpoint, with `epochs` possibly raised by the caller).
-pub fn fit(
-    settings: &FitSettings,
-    run_dir: &Path,
-    resume: bool,
-    device: Device,
-) -> Result<FitSummary> {
-    settings.validate()?;
-    if device.is_cuda() {
-        // Input shapes are fixed per run: let cuDNN pick its fastest kernels once.
-        tch::Cuda::cudnn_set_benchmark(true);
-    }
+/// What the run trains on: its previous checkpoint (on resume), the taxonomy, the decoded images
+/// and the split.
+struct Data {
+    previous: Option<Checkpoint>,
+    taxonomy: Taxonomy,
+    cache: dataset::ImageCache,
+    train_idx: Vec<i64>,
+    val_idx: Vec<i64>,
+}
+
+/// Stage 1: the previous checkpoint (on resume), the dataset, decoded once, and the split (rebuilt
+/// from `val.txt` on resume).
+fn load_data(settings: &FitSettings, run_dir: &Path, resume: bool) -> Result<Data> {
     let last_path = run_dir.join(LAST);
     let previous = if resume {
         let prev = Checkpoint::read(&last_path)
@@ -533,8 +557,6 @@ pub fn fit(
         refuse_existing_run(run_dir)?;
         None
     };
-
-    // Data.
     let (taxonomy, samples) = dataset::open(&settings.data, settings.taxonomy.as_deref())?;
     if let Some(prev) = &previous {
         if prev.meta.taxonomy != taxonomy {
@@ -544,95 +566,82 @@ pub fn fit(
             );
         }
     }
-    let labels = taxonomy.labels.clone();
     let cache = dataset::load_cache(&settings.data, samples, &taxonomy, settings.image_size)?;
-    let n = cache.samples.len();
-
-    // Split.
-    let val_list = run_dir.join(VAL_LIST);
-    let (train_idx, val_idx): (Vec<i64>, Vec<i64>) = if resume {
-        let text = std::fs::read_to_string(&val_list)
-            .with_context(|| format!("cannot read {}", val_list.display()))?;
-        let names: std::collections::HashSet<&str> =
-            text.lines().filter(|l| !l.is_empty()).collect();
-        let (val, train): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| {
-            names.contains(relative(&settings.data, &cache.samples[i].path).as_str())
-        });
-        if val.len() != names.len() {
-            eprintln!(
-                "warning: {} of the {} validation images listed in {} are no longer in the dataset",
-                names.len() - val.len(),
-                names.len(),
-                val_list.display()
-            );
-        }
-        (
-            train.into_iter().map(|i| i as i64).collect(),
-            val.into_iter().map(|i| i as i64).collect(),
-        )
-    } else {
-        let (mut train, mut val) = split_indices(n, settings.seed as u32, settings.val_fraction);
-        // Index order, as a resumed run rebuilds them from val.txt.
-        train.sort();
-        val.sort();
-        (
-            train.into_iter().map(|i| i as i64).collect(),
-            val.into_iter().map(|i| i as i64).collect(),
-        )
-    };
+    let (train_idx, val_idx) = split(settings, run_dir, resume, &cache)?;
     if train_idx.is_empty() {
-        bail!("no training images left after the validation split of {n} images");
+        bail!(
+            "no training images left after the validation split of {} images",
+            cache.samples.len()
+        );
     }
-    eprintln!(
+    say!(
         "data: {} images ({} train, {} validation), {} labels, {}x{} input; run folder {}",
-        n,
+        cache.samples.len(),
         train_idx.len(),
         val_idx.len(),
-        labels.len(),
+        taxonomy.labels.len(),
         settings.image_size,
         settings.image_size,
         run_dir.display()
     );
+    Ok(Data {
+        previous,
+        taxonomy,
+        cache,
+        train_idx,
+        val_idx,
+    })
+}
 
-    let mut model = model_and_optimizer(
-        settings,
-        &taxonomy,
-        previous.as_ref().map(|p| (p, last_path.as_path())),
-        device,
-    )?;
-    let (start_epoch, mut best, mut best_epoch) = (model.start_epoch, model.best, model.best_epoch);
-    let pos_weight = (settings.recipe.pos_weight == PosWeight::Auto).then(|| {
-        let rows: Vec<usize> = train_idx.iter().map(|&i| i as usize).collect();
-        let w = recipe::pos_weights(&to_vec(&cache.targets), labels.len(), &rows);
-        let shown: Vec<String> = labels
-            .iter()
-            .zip(&w)
-            .map(|(l, w)| format!("{l} {w:.2}"))
-            .collect();
-        eprintln!(
-            "pos_weight (negatives/positives of the training split): {}",
-            shown.join(", ")
-        );
-        Tensor::from_slice(&w)
-            .to_kind(Kind::Float)
-            .to_device(device)
-    });
-    if let Some(prev) = &previous {
-        eprintln!(
-            "resuming {} after epoch {}",
-            run_dir.display(),
-            prev.meta.epoch
+/// The training and validation indices, in index order: from the seed for a new run, from
+/// `val.txt` on resume.
+fn split(
+    settings: &FitSettings,
+    run_dir: &Path,
+    resume: bool,
+    cache: &dataset::ImageCache,
+) -> Result<(Vec<i64>, Vec<i64>)> {
+    let n = cache.samples.len();
+    let to_i64 = |v: Vec<usize>| v.into_iter().map(|i| i as i64).collect::<Vec<_>>();
+    if !resume {
+        let (mut train, mut val) = split_indices(n, settings.seed as u32, settings.val_fraction);
+        // Index order, as a resumed run rebuilds them from val.txt.
+        train.sort();
+        val.sort();
+        return Ok((to_i64(train), to_i64(val)));
+    }
+    let val_list = run_dir.join(VAL_LIST);
+    let text = std::fs::read_to_string(&val_list)
+        .with_context(|| format!("cannot read {}", val_list.display()))?;
+    let names: std::collections::HashSet<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    let (val, train): (Vec<usize>, Vec<usize>) = (0..n)
+        .partition(|&i| names.contains(relative(&settings.data, &cache.samples[i].path).as_str()));
+    if val.len() != names.len() {
+        say!(
+            "warning: {} of the {} validation images listed in {} are no longer in the dataset",
+            names.len() - val.len(),
+            names.len(),
+            val_list.display()
         );
     }
+    Ok((to_i64(train), to_i64(val)))
+}
 
-    // Everything given was usable: only now is the run folder created (and locked).
-    let _lock = open_run_dir(run_dir, resume)?;
-    if previous.is_none() {
-        let listing: String = val_idx
+/// Stage 3 (rank 0): the run folder, created and locked only now that everything given was
+/// usable, with `val.txt` and `settings.json` for a new run.
+fn prepare_run_dir(
+    settings: &FitSettings,
+    run_dir: &Path,
+    data: &Data,
+) -> Result<crate::fsutil::DirLock> {
+    let lock = open_run_dir(run_dir, data.previous.is_some())?;
+    if data.previous.is_none() {
+        let listing: String = data
+            .val_idx
             .iter()
-            .map(|&i| relative(&settings.data, &cache.samples[i as usize].path) + "\n")
+            .map(|&i| relative(&settings.data, &data.cache.samples[i as usize].path) + "\n")
             .collect();
-        write_atomic(&val_list, listing.as_bytes())?;
+        write_atomic(&run_dir.join(VAL_LIST), listing.as_bytes())?;
         write_atomic(
             &run_dir.join(SETTINGS),
             serde_json::to_string_pretty(settings)?.as_bytes(),
@@ -640,258 +649,512 @@ pub fn fit(
     }
     let stale = std::time::Duration::from_secs(600);
     crate::fsutil::remove_stale_temporaries(&settings.weights_dir, stale);
+    Ok(lock)
+}
 
-    eprintln!(
-        "precision {}, {}",
+/// The seed of a micro-batch's drop-connect masks when a step is split into several: it depends
+/// only on the micro-batch's place in the global batch, so N ranks draw what one process
+/// accumulating N micro-batches draws.
+fn micro_seed(epoch_seed: u64, step: usize, parts: usize, part: usize) -> i64 {
+    let place = (step * parts + part + 1) as u64;
+    epoch_seed.wrapping_add(place.wrapping_mul(0xBF58_476D_1CE4_E5B9)) as i64
+}
+
+/// What one epoch of training gave.
+struct Trained {
+    loss: f64,
+    images: usize,
+    seconds: f64,
+    order: Tensor,
+    interrupted: bool,
+}
+
+/// The unchanging inputs of the training loop.
+struct Loop<'a> {
+    settings: &'a FitSettings,
+    run_dir: &'a Path,
+    pixels: &'a Tensor,
+    targets: &'a Tensor,
+    pos_weight: Option<&'a Tensor>,
+    ddp: Option<&'a super::ddp::Ddp>,
+    device: Device,
+    /// Micro-batches of one step in the whole job (ranks x --accumulate), and their size.
+    parts: usize,
+    micro: usize,
+}
+
+/// Stage 4a: one epoch of optimizer steps. Each step's global batch is split into `parts`
+/// micro-batches of equal size; this rank runs its --accumulate of them, gradients accumulate,
+/// and the reducer (with several ranks) averages them during the last backward pass.
+fn train_epoch(
+    lp: &Loop,
+    model: &mut Model,
+    train_idx: &[i64],
+    epoch: usize,
+    inputs: &mut StaticInputs,
+    scaler: &mut amp::LossScaler,
+) -> Result<Trained> {
+    let settings = lp.settings;
+    let (device, bs) = (lp.device, settings.batch_size);
+    let seed = epoch_seed(settings.seed, epoch);
+    tch::manual_seed(seed as i64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut order = train_idx.to_vec();
+    order.shuffle(&mut rng);
+    // The epoch's order and augmentation parameters go to the device in one transfer each;
+    // the steps then only slice them, and the loss accumulates on the device.
+    let order_t = Tensor::from_slice(&order).to_device(device);
+    let params = (settings.augment == Augment::Original).then(|| {
+        let p = augment::draw_params(&mut rng, order.len(), settings.image_size);
+        Tensor::from_slice(&p)
+            .view([order.len() as i64, augment::PARAMS as i64])
+            .to_device(device)
+    });
+    let steps = order.len().div_ceil(bs);
+    let rank = lp.ddp.map_or(0, |d| d.rank());
+    let bar = progress::bar(order.len() as u64, "images");
+    bar.set_prefix(format!("epoch {epoch}/{}", settings.epochs));
+    let t0 = Instant::now();
+    let loss_acc = Tensor::zeros([], (Kind::Float, device));
+    let (mut seen, mut last_read) = (0usize, Instant::now());
+    let trained = |interrupted: bool, loss: f64, images: usize| Trained {
+        loss,
+        images,
+        seconds: t0.elapsed().as_secs_f64(),
+        order: order_t.shallow_clone(),
+        interrupted,
+    };
+    for step in 0..steps {
+        let stop = progress::interrupted();
+        if lp.ddp.map_or(Ok(stop), |d| d.any(stop))? {
+            bar.finish_and_clear();
+            return Ok(trained(true, f64::NAN, seen));
+        }
+        let start = step * bs;
+        let len = bs.min(order.len() - start);
+        // A partial last batch shrinks every micro-batch alike; what does not divide is left out.
+        let each = if len == bs { lp.micro } else { len / lp.parts };
+        if each == 0 {
+            continue;
+        }
+        model.adam.lr = settings.recipe.lr_at(
+            settings.lr,
+            (epoch - 1) * steps + step,
+            steps,
+            settings.epochs,
+        );
+        model.adam.zero_grad();
+        for k in 0..settings.accumulate {
+            let part = rank * settings.accumulate + k;
+            if lp.parts > 1 {
+                tch::manual_seed(micro_seed(seed, step, lp.parts, part));
+            }
+            let at = (start + part * each) as i64;
+            let loss = micro_step(
+                lp,
+                model,
+                inputs,
+                &order_t,
+                params.as_ref(),
+                at,
+                each,
+                epoch,
+            )?;
+            if settings.precision == Precision::Fp16 {
+                scaler.backward_and_step(&loss, &mut model.adam)?;
+            } else {
+                (&loss / settings.accumulate as f64).backward();
+            }
+            tch::no_grad(|| {
+                let _ = loss_acc
+                    .shallow_clone()
+                    .g_add_(&(loss.detach() * each as f64));
+            });
+            seen += each;
+        }
+        if settings.precision != Precision::Fp16 {
+            model.adam.step();
+        }
+        if let (Some(decay), Some((shadow, _))) =
+            (settings.recipe.ema_decay(model.adam.step), &model.shadow)
+        {
+            shadow.average(decay);
+        }
+        bar.inc((each * settings.accumulate) as u64);
+        // Read the loss back (a device sync) about twice a second, and at the end.
+        if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == steps {
+            last_read = Instant::now();
+            let loss_so_far = loss_acc.double_value(&[]) / seen.max(1) as f64;
+            if !loss_so_far.is_finite() {
+                bar.finish_and_clear();
+                bail!(
+                    "epoch {epoch}, by step {}: the training loss is {loss_so_far}; stopping. {}; a lower --lr may help",
+                    step + 1,
+                    match epoch > 1 {
+                        true => format!("{} (epoch {}) is kept", lp.run_dir.join(LAST).display(), epoch - 1),
+                        false => "no checkpoint had been written yet".to_string(),
+                    }
+                );
+            }
+            bar.set_message(format!("loss {loss_so_far:.4}"));
+        }
+    }
+    bar.finish_and_clear();
+    // The job's mean loss over every image of the epoch.
+    let sums = [loss_acc.double_value(&[]), seen as f64];
+    let sums = match lp.ddp {
+        Some(d) => d.sum(&sums)?,
+        None => sums.to_vec(),
+    };
+    let (loss, images) = (sums[0] / sums[1].max(1.0), sums[1] as usize);
+    Ok(trained(false, loss, images))
+}
+
+/// One micro-batch's forward pass and mean loss (the reducer armed for its backward pass).
+#[allow(clippy::too_many_arguments)]
+fn micro_step(
+    lp: &Loop,
+    model: &Model,
+    inputs: &mut StaticInputs,
+    order: &Tensor,
+    params: Option<&Tensor>,
+    at: i64,
+    len: usize,
+    epoch: usize,
+) -> Result<Tensor> {
+    let (settings, device) = (lp.settings, lp.device);
+    // A full micro-batch reads its indices and augmentation parameters from buffers at fixed
+    // addresses, filled by a copy (what a captured CUDA graph replays from); a partial one runs
+    // eagerly from slices.
+    let (ids, batch_params) = inputs.fill(order, params, at, len as i64);
+    let px = if lp.pixels.device() == device {
+        lp.pixels.index_select(0, &ids)
+    } else {
+        lp.pixels
+            .index_select(0, &ids.to_device(lp.pixels.device()))
+            .to_device(device)
+    };
+    let x = match &batch_params {
+        Some(p) => augment::apply(&px, p),
+        None => augment::to_input(&px),
+    };
+    let x = amp::layout(&x, settings.channels_last);
+    let y = lp.targets.index_select(0, &ids);
+    let net = &model.net;
+    // While the backbone is frozen only the head gets gradients.
+    let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
+    let logits = amp::autocast(settings.precision, device, || match frozen {
+        true => net.head(&net.features_t(&x, true).detach()),
+        false => net.forward_t(&x, true),
+    });
+    if let Some(d) = lp.ddp {
+        d.before_backward()?;
+    }
+    Ok(logits
+        .to_kind(Kind::Float)
+        .binary_cross_entropy_with_logits::<&Tensor>(&y, None, lp.pos_weight, Reduction::Mean))
+}
+
+/// The run's record so far: best validation loss and its epoch, and the CSV rows.
+struct Record {
+    best: Option<f64>,
+    best_epoch: Option<usize>,
+    history: Vec<String>,
+}
+
+/// Stage 4b (rank 0): validation of the used weights, then the epoch's row, checkpoints, CSV,
+/// Keras weights, terminal lines and picture. Returns the reason to stop early, if any.
+#[allow(clippy::too_many_arguments)]
+fn finish_epoch(
+    lp: &Loop,
+    model: &Model,
+    data: &Data,
+    trained: &Trained,
+    epoch: usize,
+    run_dir: &Path,
+    record: &mut Record,
+) -> Result<Option<String>> {
+    let started = Instant::now();
+    let settings = lp.settings;
+    let labels = &data.taxonomy.labels;
+    let train_time = trained.seconds;
+    update_used_weights(model, settings, lp.pixels, &trained.order);
+    let (used_vs, used_net) = model.used();
+    let val_idx = &data.val_idx;
+    let validation = (!val_idx.is_empty()).then(|| {
+        let (probs, loss) = evaluate(
+            used_net,
+            lp.pixels,
+            lp.targets,
+            val_idx,
+            settings.batch_size * 2,
+            lp.device,
+            settings.channels_last,
+        );
+        let t = data
+            .cache
+            .targets
+            .index_select(0, &Tensor::from_slice(val_idx));
+        let counts = metrics::count(
+            &to_vec(&probs),
+            &to_vec(&t),
+            labels.len(),
+            &vec![0.5; labels.len()],
+        );
+        Validation { loss, counts }
+    });
+    let epoch_time = trained.seconds + started.elapsed().as_secs_f64();
+    let images_per_s = trained.images as f64 / train_time.max(1e-9);
+
+    // The epoch's row goes into the checkpoint's history, then the checkpoints, then the CSV
+    // (rebuilt whole), then the Keras weights: a failure at any point (a full disk) leaves a
+    // CSV with one row per checkpointed epoch, or a checkpoint that can rebuild it.
+    let val_loss = validation.as_ref().map(|v| v.loss);
+    let improved = match (val_loss, record.best) {
+        (Some(v), Some(b)) => v < b,
+        (Some(_), None) => true,
+        (None, _) => true,
+    };
+    if improved {
+        record.best = val_loss;
+        record.best_epoch = Some(epoch);
+    }
+    let row = results_row(
+        epoch,
+        trained.loss,
+        validation.as_ref(),
+        model.adam.lr,
+        epoch_time,
+        images_per_s,
+        labels.len(),
+    );
+    record.history.push(row);
+    let meta = CheckpointMeta {
+        format: checkpoint::FORMAT.into(),
+        version: checkpoint::VERSION,
+        epoch,
+        taxonomy: data.taxonomy.clone(),
+        preprocessing: Preprocessing::original(settings.image_size),
+        thresholds: vec![DEFAULT_INFER_THRESHOLD; labels.len()],
+        drop_connect: settings.drop_connect,
+        optimizer_step: model.adam.step,
+        seed: settings.seed,
+        val_loss,
+        best_val_loss: record.best,
+        best_epoch: record.best_epoch,
+        settings: serde_json::to_value(settings)?,
+        history: record.history.clone(),
+        tensors_sha256: None,
+    };
+    let state = model.extra_tensors();
+    let last_path = run_dir.join(LAST);
+    checkpoint::save(&last_path, &meta, used_vs, &state)?;
+    if improved {
+        checkpoint::save(&run_dir.join(BEST), &meta, used_vs, &state)?;
+    }
+    let csv_path = run_dir.join(RESULTS);
+    write_results(&csv_path, labels, &record.history)?;
+    if improved {
+        let name = match val_loss {
+            Some(v) => format!("val_loss{v:.3}.hdf5"),
+            None => format!("loss{:.3}.hdf5", trained.loss),
+        };
+        keras::save_weights(used_vs, &settings.weights_dir.join(name))
+            .with_context(|| format!("epoch {epoch} is checkpointed in {}", last_path.display()))?;
+    }
+    print_epoch(
+        epoch,
+        settings.epochs,
+        trained.loss,
+        validation.as_ref(),
+        labels,
+        epoch_time,
+        images_per_s,
+        improved,
+    );
+    if let Err(e) = draw_results(&csv_path, &run_dir.join("results.png"), labels) {
+        eprintln!("warning: cannot draw results.png: {e:#}");
+    }
+    let stop = recipe::stop_reason(
+        settings.recipe.patience,
+        epoch,
+        record.best_epoch,
+        record.best,
+    );
+    Ok(stop.filter(|_| epoch < settings.epochs))
+}
+
+/// Checks what several ranks or --accumulate cannot do yet.
+fn check_parts(settings: &FitSettings, world: usize) -> Result<usize> {
+    let micro = super::ddp::micro_batch(settings.batch_size, world, settings.accumulate)?;
+    if world * settings.accumulate > 1 && settings.precision == Precision::Fp16 {
+        bail!("--precision fp16 with several ranks or --accumulate is not supported; use bf16");
+    }
+    if world > 1 && settings.recipe.freeze_backbone_epochs > 0 {
+        bail!("--freeze-backbone-epochs with several ranks is not supported (every parameter must get a gradient in every step)");
+    }
+    Ok(micro)
+}
+
+/// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
+/// comes from its checkpoint, with `epochs` possibly raised by the caller). With `group`, this
+/// process is one rank of a job: every rank trains its share of each batch, and rank 0 alone
+/// validates and writes.
+pub fn fit(
+    settings: &FitSettings,
+    run_dir: &Path,
+    resume: bool,
+    device: Device,
+    group: Option<crate::dist::Group>,
+) -> Result<FitSummary> {
+    settings.validate()?;
+    let world = group.as_ref().map_or(1, |g| g.job.world);
+    let rank0 = group.as_ref().is_none_or(|g| g.job.rank == 0);
+    let micro = check_parts(settings, world)?;
+    if device.is_cuda() {
+        // Input shapes are fixed per run: let cuDNN pick its fastest kernels once.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let data = load_data(settings, run_dir, resume)?;
+    let last_path = run_dir.join(LAST);
+    let mut model = model_and_optimizer(
+        settings,
+        &data.taxonomy,
+        data.previous.as_ref().map(|p| (p, last_path.as_path())),
+        device,
+        rank0,
+    )?;
+    let ddp = match group {
+        Some(g) => {
+            let params = model.adam.params();
+            Some(super::ddp::Ddp::new(g, &model.vs, &params)?)
+        }
+        None => None,
+    };
+    if let Some(prev) = &data.previous {
+        say!(
+            "resuming {} after epoch {}",
+            run_dir.display(),
+            prev.meta.epoch
+        );
+    }
+    let labels = data.taxonomy.labels.clone();
+    let pos_weight = (settings.recipe.pos_weight == PosWeight::Auto).then(|| {
+        let rows: Vec<usize> = data.train_idx.iter().map(|&i| i as usize).collect();
+        let w = recipe::pos_weights(&to_vec(&data.cache.targets), labels.len(), &rows);
+        let shown: Vec<String> = labels
+            .iter()
+            .zip(&w)
+            .map(|(l, w)| format!("{l} {w:.2}"))
+            .collect();
+        say!(
+            "pos_weight (negatives/positives of the training split): {}",
+            shown.join(", ")
+        );
+        Tensor::from_slice(&w)
+            .to_kind(Kind::Float)
+            .to_device(device)
+    });
+    let _lock = match rank0 {
+        true => Some(prepare_run_dir(settings, run_dir, &data)?),
+        false => None,
+    };
+    say!(
+        "precision {}, {}{}",
         format!("{:?}", settings.precision).to_lowercase(),
         if settings.channels_last {
             "channels-last"
         } else {
             "contiguous (NCHW)"
+        },
+        match world * settings.accumulate {
+            1 => String::new(),
+            _ => format!(
+                "; {world} rank(s) x {} micro-batch(es) of {micro} images per step",
+                settings.accumulate
+            ),
         }
     );
 
     // Results CSV: rebuilt from the checkpoint's history on resume, so it always holds one row
     // per checkpointed epoch.
     let csv_path = run_dir.join(RESULTS);
-    let mut history = match &previous {
-        Some(prev) => resumed_rows(prev, &csv_path),
-        None => Vec::new(),
+    let mut record = Record {
+        best: model.best,
+        best_epoch: model.best_epoch,
+        history: match &data.previous {
+            Some(prev) => resumed_rows(prev, &csv_path),
+            None => Vec::new(),
+        },
     };
-    write_results(&csv_path, &labels, &history)?;
+    if rank0 {
+        write_results(&csv_path, &labels, &record.history)?;
+    }
 
     // The uint8 cache lives on the training device when it fits (6,405 images at 224 take
     // 0.96 GB); otherwise batches are gathered in host memory and copied.
+    let cache = &data.cache;
     let pixels = match cache.pixels.f_to(device) {
         Ok(t) => t,
         Err(e) => {
             let mb = cache.pixels.numel() as f64 / 1e6;
             let reason = e.to_string();
             let reason = reason.lines().next().unwrap_or("");
-            eprintln!("warning: the image cache ({mb:.0} MB) does not fit on {device:?} ({reason}); keeping it in host memory");
+            say!("warning: the image cache ({mb:.0} MB) does not fit on {device:?} ({reason}); keeping it in host memory");
             cache.pixels.shallow_clone()
         }
     };
     let targets = cache.targets.to_device(device);
-    let bs = settings.batch_size.max(1);
+    let lp = Loop {
+        settings,
+        run_dir,
+        pixels: &pixels,
+        targets: &targets,
+        pos_weight: pos_weight.as_ref(),
+        ddp: ddp.as_ref(),
+        device,
+        parts: world * settings.accumulate,
+        micro,
+    };
     let mut scaler = amp::LossScaler::default();
-    let steps = train_idx.len().div_ceil(bs);
     let mut summary = FitSummary {
         run_dir: run_dir.to_path_buf(),
-        epochs_done: start_epoch - 1,
-        best_val_loss: best,
+        epochs_done: model.start_epoch - 1,
+        best_val_loss: record.best,
         interrupted: false,
         stopped: None,
     };
-    let mut inputs = StaticInputs::new(bs, settings.augment == Augment::Original, device);
-    for epoch in start_epoch..=settings.epochs {
-        let seed = epoch_seed(settings.seed, epoch);
-        tch::manual_seed(seed as i64);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut order = train_idx.clone();
-        order.shuffle(&mut rng);
-        // The epoch's order and augmentation parameters go to the device in one transfer each;
-        // the steps then only slice them, and the loss accumulates on the device.
-        let order_t = Tensor::from_slice(&order).to_device(device);
-        let params = (settings.augment == Augment::Original).then(|| {
-            let p = augment::draw_params(&mut rng, order.len(), settings.image_size);
-            Tensor::from_slice(&p)
-                .view([order.len() as i64, augment::PARAMS as i64])
-                .to_device(device)
-        });
-        let bar = progress::bar(order.len() as u64, "images");
-        bar.set_prefix(format!("epoch {epoch}/{}", settings.epochs));
-        let t0 = Instant::now();
-        let loss_acc = Tensor::zeros([], (Kind::Float, device));
-        let mut seen = 0usize;
-        let mut last_read = Instant::now();
-        let mut loss_so_far = f64::NAN;
-        for step in 0..steps {
-            if progress::interrupted() {
-                bar.finish_and_clear();
-                summary.interrupted = true;
-                return Ok(summary);
-            }
-            let start = (step * bs) as i64;
-            let len = bs.min(order.len() - step * bs) as i64;
-            // A full batch reads its indices and augmentation parameters from buffers at fixed
-            // addresses, filled by a copy (what a captured CUDA graph replays from); the partial
-            // last batch runs eagerly from slices.
-            let (ids, batch_params) = inputs.fill(&order_t, params.as_ref(), start, len);
-            let px = if pixels.device() == device {
-                pixels.index_select(0, &ids)
-            } else {
-                pixels
-                    .index_select(0, &ids.to_device(pixels.device()))
-                    .to_device(device)
-            };
-            let x = match &batch_params {
-                Some(p) => augment::apply(&px, p),
-                None => augment::to_input(&px),
-            };
-            let x = amp::layout(&x, settings.channels_last);
-            let y = targets.index_select(0, &ids);
-            let (net, adam) = (&model.net, &mut model.adam);
-            adam.lr = settings.recipe.lr_at(
-                settings.lr,
-                (epoch - 1) * steps + step,
-                steps,
-                settings.epochs,
-            );
-            // While the backbone is frozen only the head gets gradients.
-            let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
-            let logits = amp::autocast(settings.precision, device, || match frozen {
-                true => net.head(&net.features_t(&x, true).detach()),
-                false => net.forward_t(&x, true),
-            });
-            let loss = logits
-                .to_kind(Kind::Float)
-                .binary_cross_entropy_with_logits::<&Tensor>(
-                    &y,
-                    None,
-                    pos_weight.as_ref(),
-                    Reduction::Mean,
-                );
-            adam.zero_grad();
-            if settings.precision == Precision::Fp16 {
-                scaler.backward_and_step(&loss, adam)?;
-            } else {
-                loss.backward();
-                adam.step();
-            }
-            if let (Some(decay), Some((shadow, _))) =
-                (settings.recipe.ema_decay(adam.step), &model.shadow)
-            {
-                shadow.average(decay);
-            }
-            tch::no_grad(|| {
-                let _ = loss_acc
-                    .shallow_clone()
-                    .g_add_(&(loss.detach() * len as f64));
-            });
-            seen += len as usize;
-            bar.inc(len as u64);
-            // Read the loss back (a device sync) about twice a second, and at the end.
-            if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == steps {
-                last_read = Instant::now();
-                loss_so_far = loss_acc.double_value(&[]) / seen as f64;
-                if !loss_so_far.is_finite() {
-                    bar.finish_and_clear();
-                    let kept = if epoch > 1 {
-                        format!("{} (epoch {}) is kept", last_path.display(), epoch - 1)
-                    } else {
-                        "no checkpoint had been written yet".to_string()
-                    };
-                    bail!(
-                        "epoch {epoch}, by step {}: the training loss is {loss_so_far}; stopping. {kept}; a lower --lr may help",
-                        step + 1
-                    );
-                }
-                bar.set_message(format!("loss {loss_so_far:.4}"));
-            }
+    let mut inputs = StaticInputs::new(micro, settings.augment == Augment::Original, device);
+    for epoch in model.start_epoch..=settings.epochs {
+        let trained = train_epoch(
+            &lp,
+            &mut model,
+            &data.train_idx,
+            epoch,
+            &mut inputs,
+            &mut scaler,
+        )?;
+        if trained.interrupted {
+            summary.interrupted = true;
+            return Ok(summary);
         }
-        bar.finish_and_clear();
-        let train_time = t0.elapsed().as_secs_f64();
-        let train_loss = loss_so_far;
-        update_used_weights(&model, settings, &pixels, &order_t);
-        let (used_vs, used_net) = model.used();
-
-        let validation = (!val_idx.is_empty()).then(|| {
-            let (probs, loss) = evaluate(
-                used_net,
-                &pixels,
-                &targets,
-                &val_idx,
-                bs * 2,
-                device,
-                settings.channels_last,
-            );
-            let t = cache.targets.index_select(0, &Tensor::from_slice(&val_idx));
-            let counts = metrics::count(
-                &to_vec(&probs),
-                &to_vec(&t),
-                labels.len(),
-                &vec![0.5; labels.len()],
-            );
-            Validation { loss, counts }
-        });
-        let epoch_time = t0.elapsed().as_secs_f64();
-        let images_per_s = seen as f64 / train_time.max(1e-9);
-
-        // The epoch's row goes into the checkpoint's history, then the checkpoints, then the CSV
-        // (rebuilt whole), then the Keras weights: a failure at any point (a full disk) leaves a
-        // CSV with one row per checkpointed epoch, or a checkpoint that can rebuild it.
-        let val_loss = validation.as_ref().map(|v| v.loss);
-        let improved = match (val_loss, best) {
-            (Some(v), Some(b)) => v < b,
-            (Some(_), None) => true,
-            (None, _) => true,
+        let stop = match rank0 {
+            true => finish_epoch(&lp, &model, &data, &trained, epoch, run_dir, &mut record)?,
+            false => None,
         };
-        if improved {
-            best = val_loss;
-            best_epoch = Some(epoch);
-        }
-        let row = results_row(
-            epoch,
-            train_loss,
-            validation.as_ref(),
-            model.adam.lr,
-            epoch_time,
-            images_per_s,
-            labels.len(),
-        );
-        history.push(row);
-        let meta = CheckpointMeta {
-            format: checkpoint::FORMAT.into(),
-            version: checkpoint::VERSION,
-            epoch,
-            taxonomy: taxonomy.clone(),
-            preprocessing: Preprocessing::original(settings.image_size),
-            thresholds: vec![DEFAULT_INFER_THRESHOLD; labels.len()],
-            drop_connect: settings.drop_connect,
-            optimizer_step: model.adam.step,
-            seed: settings.seed,
-            val_loss,
-            best_val_loss: best,
-            best_epoch,
-            settings: serde_json::to_value(settings)?,
-            history: history.clone(),
-            tensors_sha256: None,
-        };
-        let state = model.extra_tensors();
-        checkpoint::save(&last_path, &meta, used_vs, &state)?;
-        if improved {
-            checkpoint::save(&run_dir.join(BEST), &meta, used_vs, &state)?;
-        }
-        write_results(&csv_path, &labels, &history)?;
-        if improved {
-            let name = match val_loss {
-                Some(v) => format!("val_loss{v:.3}.hdf5"),
-                None => format!("loss{train_loss:.3}.hdf5"),
-            };
-            keras::save_weights(used_vs, &settings.weights_dir.join(name)).with_context(|| {
-                format!("epoch {epoch} is checkpointed in {}", last_path.display())
-            })?;
-        }
-        print_epoch(
-            epoch,
-            settings.epochs,
-            train_loss,
-            validation.as_ref(),
-            &labels,
-            epoch_time,
-            images_per_s,
-            improved,
-        );
-        if let Err(e) = draw_results(&csv_path, &run_dir.join("results.png"), &labels) {
-            eprintln!("warning: cannot draw results.png: {e:#}");
-        }
         summary.epochs_done = epoch;
-        summary.best_val_loss = best;
-        let stop = recipe::stop_reason(settings.recipe.patience, epoch, best_epoch, best);
-        if let Some(reason) = stop.filter(|_| epoch < settings.epochs) {
-            eprintln!("{reason}");
-            write_atomic(&run_dir.join(STOPPED), format!("{reason}\n").as_bytes())?;
+        summary.best_val_loss = record.best;
+        // Every rank stops where rank 0 decided to.
+        let stopping = match &ddp {
+            Some(d) => d.from_rank0(stop.is_some())?,
+            None => stop.is_some(),
+        };
+        if stopping {
+            let reason = stop.unwrap_or_else(|| "rank 0 stopped early".into());
+            if rank0 {
+                eprintln!("{reason}");
+                write_atomic(&run_dir.join(STOPPED), format!("{reason}\n").as_bytes())?;
+            }
             summary.stopped = Some(reason);
             break;
         }
@@ -1051,9 +1314,10 @@ mod tests {
             precision: Precision::Fp32,
             channels_last: true,
             recipe: Default::default(),
+            accumulate: 1,
         };
         let Model { vs, adam, .. } =
-            model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu).unwrap();
+            model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu, true).unwrap();
         let state: std::collections::HashMap<String, Tensor> = adam.state().into_iter().collect();
         let vars = vs.variables();
         let stem = &vars["stem_conv.weight"];

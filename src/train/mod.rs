@@ -2,6 +2,7 @@
 
 pub mod adam;
 pub mod amp;
+pub mod ddp;
 pub mod fit;
 pub mod recipe;
 pub mod shadow;

@@ -1,0 +1,147 @@
+//! `trainer fit --nproc-per-node N`: starts N ranks of this program on this machine with
+//! torchrun's environment variables, and watches them: when one fails, the others are stopped
+//! and the failing rank is named; Ctrl-C reaches every rank, which stop together.
+
+use std::ffi::OsString;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::progress;
+
+/// The command line without `--nproc-per-node N` (or `--nproc-per-node=N`).
+pub fn without_nproc(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        let text = a.to_string_lossy();
+        if text == "--nproc-per-node" {
+            skip = true;
+        } else if !text.starts_with("--nproc-per-node=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// A free TCP port on the loopback interface, for the rendezvous.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free port on 127.0.0.1 for the ranks' rendezvous")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Sends SIGTERM to a rank still running.
+fn terminate(child: &Child) {
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+fn code(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "an unknown status".into(),
+    }
+}
+
+/// Runs `n` ranks of `trainer <args>` (the arguments after the program name, without
+/// `--nproc-per-node`) and returns the job's exit code.
+pub fn run_local(n: usize, args: Vec<OsString>) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let port = free_port()?;
+    eprintln!("starting {n} ranks on this machine (rendezvous at 127.0.0.1:{port})");
+    let mut children = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push(Some(child));
+    }
+    watch(children)
+}
+
+/// Waits for every rank. The first one to fail is named, and the others get SIGTERM (then
+/// SIGKILL after 10 s).
+fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
+    let mut failed: Option<(usize, ExitStatus)> = None;
+    let mut stopping_since: Option<Instant> = None;
+    while statuses.iter().any(Option::is_none) {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            if let Some(status) = child.try_wait()? {
+                statuses[rank] = Some(status);
+                *slot = None;
+                if !status.success() && failed.is_none() && !progress::interrupted() {
+                    failed = Some((rank, status));
+                }
+            }
+        }
+        if failed.is_some() && stopping_since.is_none() {
+            stopping_since = Some(Instant::now());
+            children.iter().flatten().for_each(terminate);
+        }
+        if stopping_since.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            for child in children.iter_mut().flatten() {
+                let _ = child.kill();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some((rank, status)) = failed {
+        eprintln!(
+            "error: rank {rank} failed ({}); the other ranks were stopped",
+            code(&status)
+        );
+        return Ok(ExitCode::from(
+            status.code().unwrap_or(1).clamp(1, 255) as u8
+        ));
+    }
+    let interrupted = statuses.iter().flatten().any(|s| s.code() == Some(130));
+    Ok(match interrupted {
+        true => ExitCode::from(130),
+        false => ExitCode::SUCCESS,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nproc_per_node_is_left_out_in_both_spellings() {
+        let args: Vec<OsString> = [
+            "fit",
+            "--nproc-per-node",
+            "2",
+            "--epochs",
+            "3",
+            "--nproc-per-node=4",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let out: Vec<String> = without_nproc(&args)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(out, ["fit", "--epochs", "3"]);
+    }
+}

@@ -1,0 +1,200 @@
+//! Several ranks on CPU (Gloo): `--nproc-per-node 2` and a hand-made torchrun environment train
+//! what one process accumulating two micro-batches trains, only rank 0 writes, and a killed rank
+//! stops the other with a message.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use trainer::model::checkpoint::Checkpoint;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
+}
+
+/// `trainer fit` on the sample at 32 px, global batch 16, with the original augmentations.
+fn fit_cmd(dir: &Path, run: &str, epochs: &str, more: &[&str]) -> Command {
+    let mut cmd = common::trainer();
+    cmd.current_dir(dir)
+        .args([
+            "fit",
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+        ])
+        .arg("--data")
+        .arg(data())
+        .args(["--epochs", epochs, "--run", run])
+        .args(["--weights-dir", &format!("w-{run}")])
+        .args(more);
+    cmd
+}
+
+fn ok(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "fit failed:\n{stderr}");
+    stderr
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Rank `rank` of 2, started by hand with torchrun's five variables.
+fn rank(dir: &Path, run: &str, epochs: &str, rank: usize, port: u16, more: &[&str]) -> Child {
+    fit_cmd(dir, run, epochs, more)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn train_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("results.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Largest difference between the trainable weights (batch-norm statistics are per rank, as in
+/// DDP, and left out).
+fn weight_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (Checkpoint::read(a).unwrap(), Checkpoint::read(b).unwrap());
+    a.tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("model.") && !k.contains("running_"))
+        .map(|(k, t)| {
+            let d = (t - &b.tensors[k]).abs().max().double_value(&[]);
+            if d > 1e-6 {
+                eprintln!("{k}: {d}");
+            }
+            d
+        })
+        .fold(0.0, f64::max)
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    common::file_names(dir)
+}
+
+#[test]
+fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // One thread, as each of the two ranks gets on this machine's 2 cores: the same kernels sum
+    // in the same order (Adam's first steps magnify rounding in near-zero gradients).
+    ok(fit_cmd(d, "acc", "2", &["--accumulate", "2"])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap());
+    let stderr = ok(fit_cmd(d, "two", "2", &["--nproc-per-node", "2"])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap());
+    assert!(stderr.contains("starting 2 ranks"), "{stderr}");
+    // Only rank 0 speaks: one line per epoch.
+    assert_eq!(stderr.matches("epoch 2/2").count(), 1, "{stderr}");
+
+    let runs = d.join("runs");
+    let (one, two) = (
+        train_losses(&runs.join("acc")),
+        train_losses(&runs.join("two")),
+    );
+    assert_eq!(one.len(), 2);
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{one:?} vs {two:?}");
+    }
+    let diff = weight_diff(&runs.join("acc/last.ckpt"), &runs.join("two/last.ckpt"));
+    assert!(diff <= 1e-5, "weights differ by {diff}");
+    // One rank wrote: the same files as one process.
+    assert_eq!(files(&runs.join("acc")), files(&runs.join("two")));
+    assert_eq!(files(&d.join("w-acc")).len(), files(&d.join("w-two")).len());
+
+    // The same job launched by hand, as torchrun or srun would.
+    let port = free_port();
+    let children = [
+        rank(d, "env", "2", 0, port, &[]),
+        rank(d, "env", "2", 1, port, &[]),
+    ];
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        ok(out);
+    }
+    assert_eq!(train_losses(&runs.join("env")), two);
+    let diff = weight_diff(&runs.join("env/last.ckpt"), &runs.join("two/last.ckpt"));
+    assert_eq!(diff, 0.0);
+
+    // Resume with another number of ranks: one process goes on from the two ranks' run.
+    let out = common::trainer()
+        .current_dir(d)
+        .args([
+            "fit", "--device", "cpu", "--resume", "runs/two", "--epochs", "3",
+        ])
+        .output()
+        .unwrap();
+    let stderr = ok(out);
+    assert!(
+        stderr.contains("resuming runs/two after epoch 2"),
+        "{stderr}"
+    );
+    assert_eq!(train_losses(&runs.join("two")).len(), 3);
+}
+
+#[test]
+fn a_killed_rank_stops_the_other_with_a_message_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let more = ["--dist-timeout", "60"];
+    let mut r0 = rank(d, "k", "500", 0, port, &more);
+    let mut r1 = rank(d, "k", "500", 1, port, &more);
+    // Wait until the job trains (rank 0 has written an epoch), then kill rank 1.
+    let csv = d.join("runs/k/results.csv");
+    let start = Instant::now();
+    while std::fs::read_to_string(&csv).map_or(true, |t| t.lines().count() < 2) {
+        assert!(start.elapsed() < Duration::from_secs(120), "no epoch done");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r1.kill().unwrap();
+    r1.wait().unwrap();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = r0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "rank 0 still runs 60 s after rank 1 died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    use std::io::Read;
+    r0.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("rank 0:") && stderr.contains("did another rank stop?"),
+        "{stderr}"
+    );
+    // What rank 0 had written is whole.
+    Checkpoint::read(&d.join("runs/k/last.ckpt")).unwrap();
+}
