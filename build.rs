@@ -26,7 +26,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/dist.cpp");
     println!("cargo:rustc-check-cfg=cfg(trainer_dist)");
     if std::path::Path::new("/usr/include/gloo/config.h").exists() {
-        cc::Build::new()
+        let mut build = cc::Build::new();
+        build
             .cpp(true)
             .pic(true)
             .warnings(false)
@@ -35,8 +36,15 @@ fn main() {
             .flag("-std=c++17")
             .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
             .define("USE_C10D_GLOO", None)
-            .file("src/shim/dist.cpp")
-            .compile("trainer_dist");
+            .file("src/shim/dist.cpp");
+        if let Some(dirs) = nccl_includes(std::path::Path::new(&lib)) {
+            build.define("USE_C10D_NCCL", None);
+            for dir in dirs {
+                build.include(dir);
+            }
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        }
+        build.compile("trainer_dist");
         println!("cargo:rustc-cfg=trainer_dist");
     } else {
         println!("cargo:warning=gloo headers not found (apt install libgloo-dev): building without several-process training");
@@ -66,4 +74,26 @@ fn main() {
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+}
+
+/// The include folders for c10d's NCCL header, when this libtorch has CUDA 13 and its headers
+/// are there: the wheel's CUDA and NCCL headers, and the CUDA compiler's `crt/` and `nv/` headers
+/// that scripts/setup puts in `<venv>/cuda-headers` (pip's nvidia-cuda-crt and nvidia-cuda-cccl).
+fn nccl_includes(lib: &std::path::Path) -> Option<Vec<std::path::PathBuf>> {
+    let site = lib.join("../..");
+    let headers = lib.join("../../../../../cuda-headers/nvidia/cu13/include");
+    let dirs = vec![
+        site.join("nvidia/cu13/include"),
+        site.join("nvidia/nccl/include"),
+        headers.clone(),
+        headers.join("cccl"),
+    ];
+    let needed = [
+        lib.join("libtorch_cuda.so"),
+        dirs[0].join("cuda_runtime.h"),
+        dirs[1].join("nccl.h"),
+        headers.join("crt/host_config.h"),
+        headers.join("cccl/nv/target"),
+    ];
+    needed.iter().all(|p| p.exists()).then_some(dirs)
 }

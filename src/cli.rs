@@ -273,6 +273,11 @@ pub struct FitArgs {
     /// --resume.
     #[arg(long, value_parser = usize_in(1, 4096))]
     pub accumulate: Option<usize>,
+    /// Folder of the decoded-image files that later runs and the other ranks map instead of
+    /// decoding again (default: $TRAINER_CACHE/images, else ~/.cache/trainer/images); `none`
+    /// decodes into memory at every run.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Seconds a rank waits for the others (at the start and in every exchange) before giving up.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86400))]
     pub dist_timeout: u32,

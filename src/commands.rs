@@ -90,7 +90,11 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                 tch::set_num_threads((cores / job.local_world.max(1)).max(1) as i32);
             }
-            Some(crate::dist::Group::join(job, args.dist_timeout)?)
+            Some(crate::dist::Group::join(
+                job,
+                args.dist_timeout,
+                device.is_cuda(),
+            )?)
         }
         None => None,
     };
@@ -119,6 +123,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             if let Some(k) = args.accumulate {
                 settings.accumulate = k;
             }
+            settings.cache_dir = image_cache_dir(args.cache_dir.as_deref());
             (settings, run_dir.clone(), true)
         }
         None => {
@@ -126,6 +131,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             let settings = FitSettings {
                 recipe,
                 accumulate: args.accumulate.unwrap_or(1),
+                cache_dir: image_cache_dir(args.cache_dir.as_deref()),
                 data: args.data.unwrap_or_else(|| "datasetpdm".into()),
                 taxonomy: args.taxonomy,
                 weights_dir: args
@@ -379,4 +385,20 @@ fn recipe_settings(args: &FitArgs) -> RecipeSettings {
             .freeze_backbone_epochs
             .unwrap_or(preset.freeze_backbone_epochs),
     }
+}
+
+/// `--cache-dir`: the folder given, none for `none`, else the per-user default.
+fn image_cache_dir(arg: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    if let Some(dir) = arg {
+        return (dir != std::path::Path::new("none")).then(|| dir.to_path_buf());
+    }
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let base = env("TRAINER_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("trainer")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/trainer")))?;
+    Some(base.join("images"))
 }

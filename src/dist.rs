@@ -77,9 +77,11 @@ extern "C" {
         world: c_int,
         timeout_s: c_int,
         iface: *const c_char,
+        cuda: c_int,
         err: *mut c_char,
         errlen: c_int,
     ) -> *mut std::ffi::c_void;
+    fn trainer_dist_has_nccl() -> c_int;
     fn trainer_dist_free(group: *mut std::ffi::c_void);
     fn trainer_dist_allreduce_sum(
         group: *mut std::ffi::c_void,
@@ -148,7 +150,7 @@ impl Group {
     /// Joins the job (rank 0 serves the rendezvous at MASTER_ADDR:MASTER_PORT); waits up to
     /// `timeout_s` for the others, and as long in every collective afterwards.
     #[cfg(trainer_dist)]
-    pub fn join(job: &Job, timeout_s: u32) -> Result<Group> {
+    pub fn join(job: &Job, timeout_s: u32, cuda: bool) -> Result<Group> {
         let host = CString::new(job.master_addr.clone()).context("MASTER_ADDR")?;
         let iface = CString::new(std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default())
             .context("GLOO_SOCKET_IFNAME")?;
@@ -163,6 +165,7 @@ impl Group {
                     job.world as c_int,
                     timeout_s as c_int,
                     iface.as_ptr(),
+                    cuda as c_int,
                     err,
                     len,
                 )
@@ -184,8 +187,18 @@ impl Group {
     }
 
     #[cfg(not(trainer_dist))]
-    pub fn join(_job: &Job, _timeout_s: u32) -> Result<Group> {
+    pub fn join(_job: &Job, _timeout_s: u32, _cuda: bool) -> Result<Group> {
         bail!("{NO_ENGINE}")
+    }
+
+    /// The backend of CUDA tensors in this build: "nccl", or "gloo" where NCCL was not built.
+    pub fn cuda_backend() -> &'static str {
+        #[cfg(trainer_dist)]
+        // SAFETY: a constant query.
+        if unsafe { trainer_dist_has_nccl() } == 1 {
+            return "nccl";
+        }
+        "gloo"
     }
 
     fn check(&self, what: &str, result: Result<(), String>) -> Result<()> {
@@ -352,7 +365,7 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: free_port(),
         };
-        let group = Group::join(&job, 30).unwrap();
+        let group = Group::join(&job, 30, false).unwrap();
         let t = Tensor::from_slice(&[1.0f32, 2.0]);
         group.allreduce_sum(&t).unwrap();
         group.broadcast(&t, 0).unwrap();

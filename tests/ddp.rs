@@ -102,11 +102,20 @@ fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
         .env("OMP_NUM_THREADS", "1")
         .output()
         .unwrap());
+    let cache = d.join("cache");
     let stderr = ok(fit_cmd(d, "two", "2", &["--nproc-per-node", "2"])
+        .arg("--cache-dir")
+        .arg(&cache)
         .env("OMP_NUM_THREADS", "1")
         .output()
         .unwrap());
     assert!(stderr.contains("starting 2 ranks"), "{stderr}");
+    // The ranks shared one decoded-image file.
+    let pixels: Vec<String> = files(&cache)
+        .into_iter()
+        .filter(|f| f.ends_with(".pixels"))
+        .collect();
+    assert_eq!(pixels.len(), 1, "{pixels:?}");
     // Only rank 0 speaks: one line per epoch.
     assert_eq!(stderr.matches("epoch 2/2").count(), 1, "{stderr}");
 

@@ -123,16 +123,46 @@ pub struct ImageCache {
     /// 0/1 targets (N, labels).
     pub targets: Tensor,
     pub size: usize,
+    /// What holds the pixels' memory when the tensor does not own it (a mapped file).
+    _backing: Box<dyn std::any::Any + Send>,
 }
 
-/// Decodes every sample in parallel. Unreadable files are reported and left out; a tag folder
-/// left with no image, or a dataset with none at all, is an error.
-pub fn load_cache(
-    root: &Path,
-    samples: Vec<Sample>,
-    taxonomy: &Taxonomy,
-    size: usize,
-) -> Result<ImageCache> {
+impl ImageCache {
+    /// The cache of the decoded `kept` samples with their `pixels` (N, S, S, 3), whose memory
+    /// `backing` holds where the tensor does not own it.
+    pub fn with_backing(
+        kept: Vec<Sample>,
+        pixels: Tensor,
+        taxonomy: &Taxonomy,
+        size: usize,
+        backing: Box<dyn std::any::Any + Send>,
+    ) -> ImageCache {
+        let targets: Vec<f32> = kept
+            .iter()
+            .flat_map(|s| taxonomy.target(&s.folder).expect("folders were checked"))
+            .collect();
+        let labels = taxonomy.labels.len() as i64;
+        ImageCache {
+            targets: Tensor::from_slice(&targets).view([kept.len() as i64, labels]),
+            samples: kept,
+            pixels,
+            size,
+            _backing: backing,
+        }
+    }
+}
+
+/// The decoded samples: their indices, their pixels one after the other, and what could not be
+/// decoded (index, message with the path).
+pub struct Decoded {
+    pub kept: Vec<usize>,
+    pub pixels: Vec<u8>,
+    pub skipped: Vec<(usize, String)>,
+}
+
+/// Decodes every sample in parallel. Unreadable files are left out (listed in `skipped`); a tag
+/// folder left with no image, or a dataset with none at all, is an error.
+pub fn decode_samples(root: &Path, samples: &[Sample], size: usize) -> Result<Decoded> {
     if samples.is_empty() {
         bail!(
             "{}: the dataset is empty (no files in its tag folders)",
@@ -150,23 +180,34 @@ pub fn load_cache(
         })
         .collect();
     bar.finish_and_clear();
-    let mut kept = Vec::with_capacity(samples.len());
-    let mut pixels = Vec::with_capacity(samples.len() * size * size * 3);
-    let mut targets = Vec::new();
-    let mut per_folder: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in &samples {
-        per_folder.entry(s.folder.as_str()).or_default();
-    }
-    for (s, r) in samples.iter().zip(decoded) {
+    let mut out = Decoded {
+        kept: Vec::with_capacity(samples.len()),
+        pixels: Vec::with_capacity(samples.len() * size * size * 3),
+        skipped: Vec::new(),
+    };
+    for (i, r) in decoded.into_iter().enumerate() {
         match r {
             Ok(p) => {
-                pixels.extend_from_slice(&p);
-                targets.extend(taxonomy.target(&s.folder).expect("folders were checked"));
-                *per_folder.get_mut(s.folder.as_str()).expect("folder") += 1;
-                kept.push(s.clone());
+                out.pixels.extend_from_slice(&p);
+                out.kept.push(i);
             }
-            Err(e) => eprintln!("skipped {e}"),
+            Err(e) => out.skipped.push((i, e.to_string())),
         }
+    }
+    check_every_folder_kept(root, samples, &out.kept)?;
+    Ok(out)
+}
+
+/// Every tag folder must keep at least one decoded image.
+pub fn check_every_folder_kept(root: &Path, samples: &[Sample], kept: &[usize]) -> Result<()> {
+    let mut per_folder: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in samples {
+        per_folder.entry(s.folder.as_str()).or_default();
+    }
+    for &i in kept {
+        *per_folder
+            .get_mut(samples[i].folder.as_str())
+            .expect("folder") += 1;
     }
     if let Some((folder, _)) = per_folder.iter().find(|(_, n)| **n == 0) {
         bail!(
@@ -174,15 +215,34 @@ pub fn load_cache(
             root.join(folder).display()
         );
     }
-    let n = kept.len() as i64;
+    Ok(())
+}
+
+/// Decodes every sample into memory (see [`decode_samples`]); the unreadable ones are reported.
+pub fn load_cache(
+    root: &Path,
+    samples: Vec<Sample>,
+    taxonomy: &Taxonomy,
+    size: usize,
+) -> Result<ImageCache> {
+    let Decoded {
+        kept,
+        pixels,
+        skipped,
+    } = decode_samples(root, &samples, size)?;
+    for (_, reason) in &skipped {
+        eprintln!("skipped {reason}");
+    }
     let s = size as i64;
-    let labels = taxonomy.labels.len() as i64;
-    Ok(ImageCache {
-        samples: kept,
-        pixels: Tensor::from_slice(&pixels).view([n, s, s, 3]),
-        targets: Tensor::from_slice(&targets).view([n, labels]),
+    let pixels = Tensor::from_slice(&pixels).view([kept.len() as i64, s, s, 3]);
+    let kept = kept.into_iter().map(|i| samples[i].clone()).collect();
+    Ok(ImageCache::with_backing(
+        kept,
+        pixels,
+        taxonomy,
         size,
-    })
+        Box::new(()),
+    ))
 }
 
 /// The tag folders and files of a dataset, with its taxonomy (the file's, else the NDL one).

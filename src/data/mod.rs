@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod decode;
+pub mod disk_cache;
 pub mod jpeg;
 pub mod resize;
 pub mod split;

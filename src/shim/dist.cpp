@@ -9,6 +9,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstring>
@@ -49,11 +52,20 @@ int run(c10::intrusive_ptr<c10d::Work> work, char* err, int errlen) {
 
 extern "C" {
 
+// Whether this build has the NCCL process group.
+int trainer_dist_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Joins the job: the TCPStore at host:port (served by rank 0), then a Gloo process group of
-// `world` ranks. `iface` (GLOO_SOCKET_IFNAME) picks the network interface; otherwise loopback for
+// `world` ranks, with NCCL for CUDA tensors when `cuda` is set and this build has it. `iface` (GLOO_SOCKET_IFNAME) picks the network interface; otherwise loopback for
 // a local job, the host's own address for a multi-node one. Returns null with `err` on failure.
 void* trainer_dist_init(const char* host, int port, int rank, int world, int timeout_s,
-                        const char* iface, char* err, int errlen) {
+                        const char* iface, int cuda, char* err, int errlen) {
   try {
     auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s) * 1000);
     c10d::TCPStoreOptions opts;
@@ -76,6 +88,19 @@ void* trainer_dist_init(const char* host, int port, int rank, int world, int tim
     auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
     pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
     pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    if (cuda) {
+#ifdef USE_C10D_NCCL
+      // CUDA tensors go through NCCL, as torch.distributed's "cpu:gloo,cuda:nccl".
+      auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+      nccl_options->timeout = timeout;
+      auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, nccl_options);
+      pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl);
+      pg->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
+#else
+      // Without NCCL in this build, Gloo serves CUDA tensors too (through host copies).
+      pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::GLOO, gloo);
+#endif
+    }
     return new Group{store, pg, timeout};
   } catch (const std::exception& e) {
     copy_error(e, err, errlen);

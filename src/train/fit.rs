@@ -62,6 +62,10 @@ pub struct FitSettings {
     /// Micro-batches whose gradients one optimizer step accumulates (per rank).
     #[serde(default = "one")]
     pub accumulate: usize,
+    /// Folder of the decoded-image files (none: decode into memory at every run). A property of
+    /// the machine, not of the run: not saved.
+    #[serde(skip)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -566,7 +570,33 @@ fn load_data(settings: &FitSettings, run_dir: &Path, resume: bool) -> Result<Dat
             );
         }
     }
-    let cache = dataset::load_cache(&settings.data, samples, &taxonomy, settings.image_size)?;
+    let (cache, source) = match &settings.cache_dir {
+        Some(dir) => {
+            let (cache, how) = crate::data::disk_cache::load(
+                dir,
+                &settings.data,
+                samples,
+                &taxonomy,
+                settings.image_size,
+            )?;
+            let verb = if how.reused {
+                "read from"
+            } else {
+                "decoded into"
+            };
+            let source = format!("{verb} {} in {:.1} s", how.file.display(), how.seconds);
+            (cache, source)
+        }
+        None => {
+            let t0 = Instant::now();
+            let cache =
+                dataset::load_cache(&settings.data, samples, &taxonomy, settings.image_size)?;
+            (
+                cache,
+                format!("decoded in {:.1} s", t0.elapsed().as_secs_f64()),
+            )
+        }
+    };
     let (train_idx, val_idx) = split(settings, run_dir, resume, &cache)?;
     if train_idx.is_empty() {
         bail!(
@@ -584,6 +614,7 @@ fn load_data(settings: &FitSettings, run_dir: &Path, resume: bool) -> Result<Dat
         settings.image_size,
         run_dir.display()
     );
+    say!("images {source}");
     Ok(Data {
         previous,
         taxonomy,
@@ -1315,6 +1346,7 @@ mod tests {
             channels_last: true,
             recipe: Default::default(),
             accumulate: 1,
+            cache_dir: None,
         };
         let Model { vs, adam, .. } =
             model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu, true).unwrap();
