@@ -70,7 +70,7 @@ impl Adam {
     /// Clears the gradients before a backward pass: set to none, as PyTorch does by default.
     pub fn zero_grad(&mut self) {
         let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
-        super::amp::grads_to_none(&params);
+        super::kernels::grads_to_none(&params);
     }
 
     /// One update from the gradients of the last backward pass.
@@ -85,7 +85,7 @@ impl Adam {
         let all = grads.iter().all(Tensor::defined);
         if self.kernel == Kernel::Capturable && all {
             let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
-            super::amp::foreach_adam_capturable(
+            super::kernels::foreach_adam_capturable(
                 &params,
                 &refs(&grads),
                 &refs(&self.m),
@@ -104,7 +104,7 @@ impl Adam {
             // PyTorch divides sqrt(v) by sqrt(1 - beta2^t) before adding epsilon; Keras adds it
             // to sqrt(v) itself.
             let eps = EPSILON / (1.0 - BETA2.powf(t)).sqrt();
-            super::amp::fused_adam(
+            super::kernels::fused_adam(
                 &params,
                 &refs(&grads),
                 &refs(&self.m),
@@ -120,7 +120,7 @@ impl Adam {
         }
         if self.kernel != Kernel::Plain && all {
             let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
-            super::amp::foreach_adam(
+            super::kernels::foreach_adam(
                 &params,
                 &refs(&grads),
                 &refs(&self.m),

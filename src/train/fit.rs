@@ -792,7 +792,10 @@ fn train_epoch(
                 epoch,
             )?;
             if settings.precision == Precision::Fp16 {
-                scaler.backward_and_step(&loss, &mut model.adam)?;
+                scaler.backward(&loss);
+                if scaler.unscale(&model.adam.grads())? {
+                    model.adam.step();
+                }
             } else {
                 (&loss / settings.accumulate as f64).backward();
             }

@@ -4,5 +4,6 @@ pub mod adam;
 pub mod amp;
 pub mod ddp;
 pub mod fit;
+pub mod kernels;
 pub mod recipe;
 pub mod shadow;
