@@ -108,6 +108,9 @@ extern "C" {
     fn trainer_reducer_free(r: *mut std::ffi::c_void);
 }
 
+/// Whether this build has the distributed engine (gloo's headers were there).
+pub const ENGINE: bool = cfg!(trainer_dist);
+
 /// Why a build without gloo's headers cannot train on several ranks.
 #[cfg_attr(trainer_dist, allow(dead_code))]
 const NO_ENGINE: &str = "this trainer was built without the distributed engine (gloo's headers were missing): apt install libgloo-dev, then rebuild";

@@ -131,6 +131,17 @@ pub fn report() -> String {
             }
         );
     }
+    let _ = writeln!(
+        s,
+        "several ranks (fit --nproc-per-node, torchrun): {}",
+        match crate::dist::ENGINE {
+            true => format!(
+                "Gloo on CPU, {} for CUDA tensors",
+                crate::dist::Group::cuda_backend().to_uppercase()
+            ),
+            false => "not in this build (apt install libgloo-dev, then rebuild)".into(),
+        }
+    );
     let _ = writeln!(s, "CPU: {}", cpu());
     let _ = writeln!(
         s,

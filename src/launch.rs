@@ -3,6 +3,7 @@
 //! and the failing rank is named; Ctrl-C reaches every rank, which stop together.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,11 +37,11 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Sends SIGTERM to a rank still running.
-fn terminate(child: &Child) {
+/// Sends `signal` to a rank still running.
+fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child we have not reaped yet.
     unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(child.id() as libc::pid_t, signal);
     }
 }
 
@@ -61,7 +62,18 @@ pub fn run_local(n: usize, args: Vec<OsString>) -> Result<ExitCode> {
     eprintln!("starting {n} ranks on this machine (rendezvous at 127.0.0.1:{port})");
     let mut children = Vec::with_capacity(n);
     for rank in 0..n {
-        let child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        // Each rank in its own process group, so Ctrl-C reaches this process alone, which passes
+        // it on once; and a rank dies with this process (SIGTERM when it goes).
+        cmd.process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(&args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -83,7 +95,15 @@ fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
     let mut failed: Option<(usize, ExitStatus)> = None;
     let mut stopping_since: Option<Instant> = None;
+    let mut interrupt_passed = false;
     while statuses.iter().any(Option::is_none) {
+        if progress::interrupted() && !interrupt_passed {
+            interrupt_passed = true;
+            children
+                .iter()
+                .flatten()
+                .for_each(|c| signal(c, libc::SIGINT));
+        }
         for (rank, slot) in children.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
             if let Some(status) = child.try_wait()? {
@@ -96,7 +116,10 @@ fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
         }
         if failed.is_some() && stopping_since.is_none() {
             stopping_since = Some(Instant::now());
-            children.iter().flatten().for_each(terminate);
+            children
+                .iter()
+                .flatten()
+                .for_each(|c| signal(c, libc::SIGTERM));
         }
         if stopping_since.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
             for child in children.iter_mut().flatten() {

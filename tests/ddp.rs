@@ -207,3 +207,32 @@ fn a_killed_rank_stops_the_other_with_a_message_in_bounded_time() {
     // What rank 0 had written is whole.
     Checkpoint::read(&d.join("runs/k/last.ckpt")).unwrap();
 }
+
+#[test]
+fn ctrl_c_stops_every_rank_with_a_resumable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut job = fit_cmd(d, "c", "500", &["--nproc-per-node", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let csv = d.join("runs/c/results.csv");
+    let start = Instant::now();
+    while std::fs::read_to_string(&csv).map_or(true, |t| t.lines().count() < 2) {
+        assert!(start.elapsed() < Duration::from_secs(120), "no epoch done");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on our child's pid.
+    unsafe {
+        libc::kill(job.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("continue with: trainer fit --resume runs/c"),
+        "{stderr}"
+    );
+    let last = Checkpoint::read(&d.join("runs/c/last.ckpt")).unwrap();
+    assert!(last.meta.epoch >= 1 && last.meta.epoch < 500);
+}

@@ -7,7 +7,6 @@ use std::ffi::{c_char, c_double, c_int, CStr};
 use anyhow::{bail, Result};
 use tch::Tensor;
 
-
 extern "C" {
     fn trainer_grads_to_none(params: *const *const CTensorPtr, n: c_int);
     fn trainer_foreach_adam_capturable(
