@@ -212,7 +212,7 @@ fn a_killed_rank_stops_the_other_with_a_message_in_bounded_time() {
 fn ctrl_c_stops_every_rank_with_a_resumable_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut job = fit_cmd(d, "c", "500", &["--nproc-per-node", "2"])
+    let job = fit_cmd(d, "c", "500", &["--nproc-per-node", "2"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
