@@ -10,14 +10,7 @@ fn main() {
     // The C++ shim for what tch does not bind (autocast dtype, multi-tensor Adam), compiled
     // against the headers of the same torch wheel.
     let include = std::path::Path::new(&lib).join("../include");
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+    shim_build(&include)
         .file("src/shim/amp.cpp")
         .compile("trainer_shim");
     // The distributed engine (c10d: TCPStore, Gloo, Reducer). Its Gloo header includes gloo's
@@ -26,15 +19,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/dist.cpp");
     println!("cargo:rustc-check-cfg=cfg(trainer_dist)");
     if std::path::Path::new("/usr/include/gloo/config.h").exists() {
-        let mut build = cc::Build::new();
+        let mut build = shim_build(&include);
         build
-            .cpp(true)
-            .pic(true)
-            .warnings(false)
-            .include(&include)
-            .include(include.join("torch/csrc/api/include"))
-            .flag("-std=c++17")
-            .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
             .define("USE_C10D_GLOO", None)
             .file("src/shim/dist.cpp");
         if let Some(dirs) = nccl_includes(std::path::Path::new(&lib)) {
@@ -96,4 +82,18 @@ fn nccl_includes(lib: &std::path::Path) -> Option<Vec<std::path::PathBuf>> {
         headers.join("cccl/nv/target"),
     ];
     needed.iter().all(|p| p.exists()).then_some(dirs)
+}
+
+/// A C++ build against the torch wheel's headers, with the flags libtorch was built with.
+fn shim_build(include: &std::path::Path) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1");
+    build
 }

@@ -108,6 +108,13 @@ extern "C" {
     fn trainer_reducer_free(r: *mut std::ffi::c_void);
 }
 
+/// A free TCP port on the loopback interface, for the rendezvous.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free port on 127.0.0.1 for the ranks' rendezvous")?;
+    Ok(listener.local_addr()?.port())
+}
+
 /// Whether this build has the distributed engine (gloo's headers were there).
 pub const ENGINE: bool = cfg!(trainer_dist);
 
@@ -349,15 +356,6 @@ mod tests {
         );
     }
 
-    /// A free TCP port on the loopback interface.
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     #[test]
     fn a_one_rank_group_sums_and_reduces_gradients() {
         let job = Job {
@@ -366,7 +364,7 @@ mod tests {
             local_rank: 0,
             local_world: 1,
             master_addr: "127.0.0.1".into(),
-            master_port: free_port(),
+            master_port: free_port().unwrap(),
         };
         let group = Group::join(&job, 30, false).unwrap();
         let t = Tensor::from_slice(&[1.0f32, 2.0]);

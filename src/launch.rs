@@ -30,13 +30,6 @@ pub fn without_nproc(args: &[OsString]) -> Vec<OsString> {
     out
 }
 
-/// A free TCP port on the loopback interface, for the rendezvous.
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .context("cannot find a free port on 127.0.0.1 for the ranks' rendezvous")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// Sends `signal` to a rank still running.
 fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child we have not reaped yet.
@@ -58,7 +51,7 @@ fn code(status: &ExitStatus) -> String {
 /// `--nproc-per-node`) and returns the job's exit code.
 pub fn run_local(n: usize, args: Vec<OsString>) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let port = free_port()?;
+    let port = crate::dist::free_port()?;
     eprintln!("starting {n} ranks on this machine (rendezvous at 127.0.0.1:{port})");
     let mut children = Vec::with_capacity(n);
     for rank in 0..n {

@@ -41,14 +41,6 @@ fn ok(out: Output) -> String {
     stderr
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Rank `rank` of 2, started by hand with torchrun's five variables.
 fn rank(dir: &Path, run: &str, epochs: &str, rank: usize, port: u16, more: &[&str]) -> Child {
     fit_cmd(dir, run, epochs, more)
@@ -135,7 +127,7 @@ fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
     assert_eq!(files(&d.join("w-acc")).len(), files(&d.join("w-two")).len());
 
     // The same job launched by hand, as torchrun or srun would.
-    let port = free_port();
+    let port = trainer::dist::free_port().unwrap();
     let children = [
         rank(d, "env", "2", 0, port, &[]),
         rank(d, "env", "2", 1, port, &[]),
@@ -168,7 +160,7 @@ fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
 fn a_killed_rank_stops_the_other_with_a_message_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
+    let port = trainer::dist::free_port().unwrap();
     let more = ["--dist-timeout", "60"];
     let mut r0 = rank(d, "k", "500", 0, port, &more);
     let mut r1 = rank(d, "k", "500", 1, port, &more);

@@ -14,6 +14,9 @@ fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
 }
 
+/// Small runs: 32 px, batch 12, the bundled sample.
+const SMALL: [&str; 4] = ["--image-size", "32", "--batch-size", "12"];
+
 fn fit(dir: &Path, args: &[&str]) -> Output {
     common::trainer()
         .current_dir(dir)
@@ -38,19 +41,6 @@ fn rows(run: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Without the timing columns (epoch_time_s, train_images_per_s).
-fn untimed(rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
-    rows.into_iter()
-        .map(|r| {
-            r.into_iter()
-                .enumerate()
-                .filter(|(i, _)| *i != 6 && *i != 7)
-                .map(|(_, v)| v)
-                .collect()
-        })
-        .collect()
-}
-
 fn max_abs(t: &tch::Tensor) -> f64 {
     t.abs().max().double_value(&[])
 }
@@ -60,10 +50,10 @@ fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = data();
     let base = [
-        "--image-size",
-        "32",
-        "--batch-size",
-        "12",
+        SMALL[0],
+        SMALL[1],
+        SMALL[2],
+        SMALL[3],
         "--data",
         data.to_str().unwrap(),
         "--recipe",
@@ -112,8 +102,8 @@ fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
         assert!(diff <= 1e-6, "{name} differs by {diff}");
     }
     assert_eq!(
-        untimed(rows(&runs.join("whole"))),
-        untimed(rows(&runs.join("part")))
+        common::untimed_rows(&runs.join("whole")),
+        common::untimed_rows(&runs.join("part"))
     );
     // The backbone trained from epoch 2 on.
     assert!(max_abs(&a.tensors["adam.m.stem_conv.weight"]) > 0.0);
@@ -184,27 +174,22 @@ fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
 fn early_stopping_ends_the_run_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let data = data();
-    let stderr = ok(fit(
-        dir.path(),
-        &[
-            "--image-size",
-            "32",
-            "--batch-size",
-            "12",
-            "--data",
-            data.to_str().unwrap(),
-            "--augment",
-            "none",
-            "--lr",
-            "0.01",
-            "--patience",
-            "1",
-            "--epochs",
-            "40",
-            "--run",
-            "p",
-        ],
-    ));
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend([
+        "--data",
+        data.to_str().unwrap(),
+        "--augment",
+        "none",
+        "--lr",
+        "0.01",
+        "--patience",
+        "1",
+        "--epochs",
+        "40",
+        "--run",
+        "p",
+    ]);
+    let stderr = ok(fit(dir.path(), &args));
     let run = dir.path().join("runs/p");
     let reason = std::fs::read_to_string(run.join("stopped.txt")).unwrap();
     assert!(reason.starts_with("early stopping after epoch"), "{reason}");

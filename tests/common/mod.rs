@@ -113,3 +113,20 @@ pub fn write_hdf5_for_child(path: &std::path::Path, write: impl FnOnce(&std::pat
     std::fs::copy(&scratch, path).expect("copy the HDF5 file");
     std::fs::remove_file(&scratch).expect("remove the scratch HDF5 file");
 }
+
+/// `results.csv` rows of a run without the timing columns (epoch_time_s, train_images_per_s),
+/// which differ between two runs of the same computation. The header is the first row.
+#[allow(dead_code)]
+pub fn untimed_rows(run: &std::path::Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(run.join("results.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            l.split(',')
+                .enumerate()
+                .filter(|(i, _)| *i != 6 && *i != 7)
+                .map(|(_, v)| v.to_string())
+                .collect()
+        })
+        .collect()
+}
