@@ -196,6 +196,7 @@ fn a_killed_rank_stops_the_other_with_a_message_in_bounded_time() {
         stderr.contains("rank 0:") && stderr.contains("did another rank stop?"),
         "{stderr}"
     );
+    assert!(!stderr.contains("panicked"), "{stderr}");
     // What rank 0 had written is whole.
     Checkpoint::read(&d.join("runs/k/last.ckpt")).unwrap();
 }

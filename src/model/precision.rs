@@ -93,12 +93,23 @@ pub fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
+/// A copy with channels-last strides, also for one channel (depthwise kernels), where a
+/// permuted `contiguous()` keeps the NCHW strides and the kernels' gradients, which come back
+/// channels-last, would not match their parameter's layout (DDP's reducer then copies them).
+fn channels_last_strided(t: &Tensor) -> Tensor {
+    let size = t.size();
+    let (c, h, w) = (size[1], size[2], size[3]);
+    let out = Tensor::empty_strided(&size, [c * h * w, 1, w * c, c], (t.kind(), t.device()));
+    tch::no_grad(|| out.shallow_clone().copy_(t));
+    out
+}
+
 /// Moves every 4-D variable (convolution kernels) of a VarStore to channels-last in place.
 pub fn vars_to_channels_last(vs: &VarStore) {
     tch::no_grad(|| {
         for (_, mut v) in vs.variables() {
             if v.dim() == 4 {
-                let cl = channels_last(&v);
+                let cl = channels_last_strided(&v);
                 v.set_data(&cl);
             }
         }

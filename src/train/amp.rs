@@ -28,8 +28,8 @@ impl Default for LossScaler {
 
 impl LossScaler {
     /// The backward pass of the scaled loss.
-    pub fn backward(&self, loss: &Tensor) {
-        (loss * self.scale).backward();
+    pub fn backward(&self, loss: &Tensor) -> Result<(), tch::TchError> {
+        (loss * self.scale).f_backward()
     }
 
     /// Unscales the gradients and says whether the step may be taken (they are all finite);

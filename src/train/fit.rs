@@ -792,12 +792,18 @@ fn train_epoch(
                 epoch,
             )?;
             if settings.precision == Precision::Fp16 {
-                scaler.backward(&loss);
+                scaler
+                    .backward(&loss)
+                    .map_err(|e| exchange_failed(lp.ddp, e))?;
                 if scaler.unscale(&model.adam.grads())? {
                     model.adam.step();
                 }
             } else {
-                (&loss / settings.accumulate as f64).backward();
+                // With several ranks the reducer exchanges gradients inside backward, so a rank
+                // that stopped shows here.
+                (&loss / settings.accumulate as f64)
+                    .f_backward()
+                    .map_err(|e| exchange_failed(lp.ddp, e))?;
             }
             tch::no_grad(|| {
                 let _ = loss_acc
@@ -842,6 +848,19 @@ fn train_epoch(
     };
     let (loss, images) = (sums[0] / sums[1].max(1.0), sums[1] as usize);
     Ok(trained(false, loss, images))
+}
+
+/// A failed backward pass: with several ranks, the gradient exchange (another rank stopped).
+fn exchange_failed(ddp: Option<&super::ddp::Ddp>, e: tch::TchError) -> anyhow::Error {
+    let reason = e.to_string();
+    let reason = reason.lines().next().unwrap_or("").to_string();
+    match ddp {
+        Some(d) => anyhow::anyhow!(
+            "rank {}: the gradient exchange across ranks failed (did another rank stop?): {reason}",
+            d.rank()
+        ),
+        None => anyhow::anyhow!("backward pass failed: {reason}"),
+    }
 }
 
 /// One micro-batch's forward pass and mean loss (the reducer armed for its backward pass).
