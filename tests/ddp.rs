@@ -229,3 +229,40 @@ fn ctrl_c_stops_every_rank_with_a_resumable_checkpoint() {
     let last = Checkpoint::read(&d.join("runs/c/last.ckpt")).unwrap();
     assert!(last.meta.epoch >= 1 && last.meta.epoch < 500);
 }
+
+#[test]
+fn a_two_rank_run_resumed_on_two_ranks_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let two = ["--nproc-per-node", "2"];
+    ok(fit_cmd(d, "whole", "3", &two).output().unwrap());
+    ok(fit_cmd(d, "part", "2", &two).output().unwrap());
+    let out = common::trainer()
+        .current_dir(d)
+        .args([
+            "fit",
+            "--device",
+            "cpu",
+            "--resume",
+            "runs/part",
+            "--epochs",
+            "3",
+        ])
+        .args(two)
+        .output()
+        .unwrap();
+    ok(out);
+    let runs = d.join("runs");
+    let (a, b) = (
+        Checkpoint::read(&runs.join("whole/last.ckpt")).unwrap(),
+        Checkpoint::read(&runs.join("part/last.ckpt")).unwrap(),
+    );
+    assert_eq!((a.meta.epoch, b.meta.epoch), (3, 3));
+    for (name, t) in &a.tensors {
+        assert!(t.equal(&b.tensors[name]), "{name} differs");
+    }
+    assert_eq!(
+        common::untimed_rows(&runs.join("whole")),
+        common::untimed_rows(&runs.join("part"))
+    );
+}
