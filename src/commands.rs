@@ -98,7 +98,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let (settings, run_dir, resume) = match &args.resume {
+    let (settings, run_dir, previous) = match &args.resume {
         Some(run_dir) => {
             let ckpt = Checkpoint::read(&run_dir.join(fit::LAST))
                 .with_context(|| format!("cannot resume {}", run_dir.display()))?;
@@ -124,7 +124,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 settings.accumulate = k;
             }
             settings.cache_dir = image_cache_dir(args.cache_dir.as_deref());
-            (settings, run_dir.clone(), true)
+            (settings, run_dir.clone(), Some(ckpt))
         }
         None => {
             let recipe = recipe_settings(&args);
@@ -156,13 +156,13 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 Some(name) => args.runs_dir.join(name),
                 None => fit::next_run_dir(&args.runs_dir),
             };
-            (settings, run_dir, false)
+            (settings, run_dir, None)
         }
     };
     if !crate::progress::quiet() {
         eprintln!("device: {}", device::describe(device));
     }
-    let s = fit::fit(&settings, &run_dir, resume, device, group)?;
+    let s = fit::fit(&settings, &run_dir, previous, device, group)?;
     if crate::progress::quiet() {
         return Ok(match s.interrupted {
             true => ExitCode::from(130),

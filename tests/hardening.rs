@@ -273,6 +273,11 @@ fn edited_checkpoint_metadata_is_refused_with_the_field_name() {
             "taxonomy.labels lists 'graphic' twice",
         ),
         (
+            "best_epoch",
+            Box::new(|m| m.best_epoch = Some(usize::MAX)),
+            "best_epoch 18446744073709551615 is after epoch 1",
+        ),
+        (
             "rgb",
             Box::new(|m| m.preprocessing.channel_order = "RGB".into()),
             "preprocessing.channel_order is 'RGB'",

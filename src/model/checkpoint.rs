@@ -113,6 +113,9 @@ impl CheckpointMeta {
         if self.optimizer_step < 0 {
             return Err(format!("optimizer_step is {}", self.optimizer_step));
         }
+        if let Some(b) = self.best_epoch.filter(|&b| b > self.epoch) {
+            return Err(format!("best_epoch {b} is after epoch {}", self.epoch));
+        }
         Ok(())
     }
 }

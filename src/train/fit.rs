@@ -543,11 +543,9 @@ struct Data {
 
 /// Stage 1: the previous checkpoint (on resume), the dataset, decoded once, and the split (rebuilt
 /// from `val.txt` on resume).
-fn load_data(settings: &FitSettings, run_dir: &Path, resume: bool) -> Result<Data> {
-    let last_path = run_dir.join(LAST);
-    let previous = if resume {
-        let prev = Checkpoint::read(&last_path)
-            .with_context(|| format!("cannot resume {}", run_dir.display()))?;
+fn load_data(settings: &FitSettings, run_dir: &Path, previous: Option<Checkpoint>) -> Result<Data> {
+    let resume = previous.is_some();
+    let previous = if let Some(prev) = previous {
         if settings.epochs <= prev.meta.epoch {
             bail!(
                 "{} already holds {} epochs; pass --epochs with a larger number to train further",
@@ -1049,14 +1047,14 @@ fn check_parts(settings: &FitSettings, world: usize) -> Result<usize> {
     Ok(micro)
 }
 
-/// Trains a new run in `run_dir`, or resumes the one there when `resume` is set (then `settings`
-/// comes from its checkpoint, with `epochs` possibly raised by the caller). With `group`, this
+/// Trains a new run in `run_dir`, or resumes the one there from `previous`, its `last.ckpt`
+/// (then `settings` come from that checkpoint, with `epochs` possibly raised by the caller). With `group`, this
 /// process is one rank of a job: every rank trains its share of each batch, and rank 0 alone
 /// validates and writes.
 pub fn fit(
     settings: &FitSettings,
     run_dir: &Path,
-    resume: bool,
+    previous: Option<Checkpoint>,
     device: Device,
     group: Option<crate::dist::Group>,
 ) -> Result<FitSummary> {
@@ -1068,7 +1066,7 @@ pub fn fit(
         // Input shapes are fixed per run: let cuDNN pick its fastest kernels once.
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    let data = load_data(settings, run_dir, resume)?;
+    let data = load_data(settings, run_dir, previous)?;
     let last_path = run_dir.join(LAST);
     let mut model = model_and_optimizer(
         settings,
