@@ -22,7 +22,8 @@ pub struct Folder {
     pub name: String,
     /// Where its images are: a subfolder of the input, or the input itself for the loose images.
     pub dir: PathBuf,
-    /// How many files it held when discovered (for the progress bar).
+    /// How many files it held when counted (for the progress bar): the loose images when
+    /// discovered, a subfolder's by [`count_files`] (only for the folders still to tag).
     pub count: usize,
 }
 
@@ -96,13 +97,11 @@ pub fn discover(input: &Path) -> Result<Vec<Folder>> {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            let mut folder = Folder {
+            folders.push(Folder {
                 name,
                 dir: entry,
                 count: 0,
-            };
-            folder.count = folder.files()?.len();
-            folders.push(folder);
+            });
         } else {
             loose += 1;
         }
@@ -125,6 +124,14 @@ pub fn discover(input: &Path) -> Result<Vec<Folder>> {
     }
     check_distinct_names(input, &folders)?;
     Ok(folders)
+}
+
+/// Counts the files of the subfolders (the progress bar's total). A folder that cannot be read
+/// counts 0 here and is reported when its images are listed.
+pub fn count_files(folders: &mut [Folder], input: &Path) {
+    for f in folders.iter_mut().filter(|f| f.dir != input) {
+        f.count = f.files().map_or(0, |v| v.len());
+    }
 }
 
 /// Two folders must never write the same JSON file: the loose images of `input` and a subfolder
@@ -326,9 +333,12 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     // What a killed run left half-written (a running one writes each file in well under this).
     crate::fsutil::remove_stale_temporaries(&opts.output, std::time::Duration::from_secs(600));
     let mut summary = InferSummary::default();
-    let (todo, done): (Vec<Folder>, Vec<Folder>) = folders
+    let (mut todo, done): (Vec<Folder>, Vec<Folder>) = folders
         .into_iter()
         .partition(|f| opts.overwrite || !already_tagged(&opts.output, f));
+    // Only the folders still to tag are read for the count: a restart of a library-scale run
+    // lists no finished folder.
+    count_files(&mut todo, &opts.input);
     summary.folders_done_before = done.len();
     let total: usize = todo.iter().map(|f| f.count).sum();
     let bar = progress::bar(total as u64, "images");
@@ -522,7 +532,9 @@ mod tests {
         std::fs::write(input.join("b2/x.jpg"), b"x").unwrap();
         std::fs::write(input.join("b2/.hidden"), b"x").unwrap();
         std::fs::write(input.join("loose.png"), b"x").unwrap();
-        let folders = discover(&input).unwrap();
+        let mut folders = discover(&input).unwrap();
+        assert_eq!(folders[2].count, 0, "not counted while discovering");
+        count_files(&mut folders, &input);
         let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["scans", "a1", "b2"]);
         assert_eq!(folders[1].count, 0);
