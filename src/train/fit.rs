@@ -306,9 +306,10 @@ fn relative(root: &Path, path: &Path) -> String {
         .into_owned()
 }
 
-/// Probabilities (on the CPU) and mean BCE over the images `idx` of `pixels` / `targets`, in eval
-/// mode. The batches are gathered where the pixels are (the device copy when it fits), the loss is
-/// summed on the device, and both come back in one read at the end.
+/// Probabilities and the targets they are scored against (both on the CPU), and the mean BCE,
+/// over the images `idx` of `pixels` / `targets`, in eval mode. The batches are gathered where the
+/// pixels are (the device copy when it fits), the loss is summed on the device, and everything
+/// comes back in one read at the end.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     net: &Tagger,
@@ -318,8 +319,8 @@ pub fn evaluate(
     batch: usize,
     device: Device,
     channels_last: bool,
-) -> (Tensor, f64) {
-    let mut probs = Vec::new();
+) -> (Tensor, Tensor, f64) {
+    let (mut probs, mut ys) = (Vec::new(), Vec::new());
     let loss_sum = Tensor::zeros([], (Kind::Float, device));
     tch::no_grad(|| {
         for chunk in idx.chunks(batch.max(1)) {
@@ -334,16 +335,18 @@ pub fn evaluate(
                 logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Sum);
             let _ = loss_sum.shallow_clone().g_add_(&loss);
             probs.push(logits.sigmoid());
+            ys.push(y);
         }
     });
-    let labels = targets.size()[1] as f64;
-    let probs = match probs.is_empty() {
-        true => Tensor::zeros([0, targets.size()[1]], (Kind::Float, Device::Cpu)),
-        false => Tensor::cat(&probs, 0).to_device(Device::Cpu),
+    let labels = targets.size()[1];
+    let host = |parts: &[Tensor]| match parts.is_empty() {
+        true => Tensor::zeros([0, labels], (Kind::Float, Device::Cpu)),
+        false => Tensor::cat(parts, 0).to_device(Device::Cpu),
     };
     (
-        probs,
-        loss_sum.double_value(&[]) / (idx.len() as f64 * labels).max(1.0),
+        host(&probs),
+        host(&ys),
+        loss_sum.double_value(&[]) / (idx.len() as f64 * labels as f64).max(1.0),
     )
 }
 
@@ -933,7 +936,7 @@ fn finish_epoch(
     let (used_vs, used_net) = model.used();
     let val_idx = &data.val_idx;
     let validation = (!val_idx.is_empty()).then(|| {
-        let (probs, loss) = evaluate(
+        let (probs, t, loss) = evaluate(
             used_net,
             lp.pixels,
             lp.targets,
@@ -942,10 +945,6 @@ fn finish_epoch(
             lp.device,
             settings.channels_last,
         );
-        let t = data
-            .cache
-            .targets
-            .index_select(0, &Tensor::from_slice(val_idx));
         let counts = metrics::count(
             &to_vec(&probs),
             &to_vec(&t),
