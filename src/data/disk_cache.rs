@@ -37,7 +37,7 @@ struct Description {
 }
 
 /// The key of a dataset's decoded images.
-fn key(samples: &[Sample], size: usize) -> Result<String> {
+fn key(samples: &[Sample], size: usize) -> String {
     let mut h = Sha256::new();
     h.update(format!(
         "trainer images v{PREPROCESSING_VERSION} size {size}\n"
@@ -57,7 +57,7 @@ fn key(samples: &[Sample], size: usize) -> Result<String> {
         h.update(s.path.to_string_lossy().as_bytes());
         h.update(format!("\0{}\0{len}\0{mtime}\n", s.folder));
     }
-    Ok(format!("{:x}", h.finalize()))
+    format!("{:x}", h.finalize())
 }
 
 fn sha256_of(path: &Path) -> Result<String> {
@@ -94,7 +94,7 @@ pub fn load(
     let t0 = Instant::now();
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the image cache folder {}", dir.display()))?;
-    let key = key(&samples, size)?;
+    let key = key(&samples, size);
     let (pixels_path, json_path) = (
         dir.join(format!("{key}.pixels")),
         dir.join(format!("{key}.json")),
@@ -244,16 +244,6 @@ fn map(
     let kept: Vec<Sample> = desc.kept.iter().map(|&i| samples[i].clone()).collect();
     let n = kept.len() as i64;
     let s = size as i64;
-    if desc.bytes == 0 {
-        let empty = Tensor::zeros([0, s, s, 3], (Kind::Uint8, tch::Device::Cpu));
-        return Ok(ImageCache::with_backing(
-            kept,
-            empty,
-            taxonomy,
-            size,
-            Box::new(()),
-        ));
-    }
     // SAFETY: cache files are only ever replaced by rename, never written in place, so the
     // mapping stays valid while it lives; the cache holds it as long as its tensor.
     let map = unsafe { memmap2::Mmap::map(&file) }

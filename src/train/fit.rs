@@ -387,9 +387,6 @@ pub struct Model {
     /// The moving average or precise-BN copy (with drop-connect off) that is validated,
     /// checkpointed as the model and exported.
     pub shadow: Option<(Shadow, Tagger)>,
-    pub start_epoch: usize,
-    pub best: Option<f64>,
-    pub best_epoch: Option<usize>,
 }
 
 impl Model {
@@ -438,15 +435,11 @@ pub fn model_and_optimizer(
     let uses_shadow = settings.recipe.ema.is_some() || settings.recipe.precise_bn > 0;
     // Only rank 0 validates and writes, so only it keeps the used weights.
     let keeps_shadow = uses_shadow && rank0;
-    let (mut start_epoch, mut best, mut best_epoch) = (1, None, None);
     if let Some((prev, file)) = previous {
         match uses_shadow {
             true => prev.load_prefixed(&vs, checkpoint::TRAINED, file)?,
             false => prev.load_model(&vs, file)?,
         }
-        start_epoch = prev.meta.epoch + 1;
-        best = prev.meta.best_val_loss;
-        best_epoch = prev.meta.best_epoch;
     } else if let Some(init) = &settings.init {
         let report = load_init(init, &vs, taxonomy)?;
         say!("init: {report}");
@@ -494,9 +487,6 @@ pub fn model_and_optimizer(
         net,
         adam,
         shadow,
-        start_epoch,
-        best,
-        best_epoch,
     })
 }
 
@@ -710,9 +700,8 @@ struct Loop<'a> {
     pos_weight: Option<&'a Tensor>,
     ddp: Option<&'a super::ddp::Ddp>,
     device: Device,
-    /// Micro-batches of one step in the whole job (ranks x --accumulate), and their size.
+    /// Micro-batches of one step in the whole job (ranks x --accumulate).
     parts: usize,
-    micro: usize,
 }
 
 /// Stage 4a: one epoch of optimizer steps. Each step's global batch is split into `parts`
@@ -742,7 +731,14 @@ fn train_epoch(
             .view([order.len() as i64, augment::PARAMS as i64])
             .to_device(device)
     });
+    // The schedule counts every batch; a last partial batch smaller than the number of
+    // micro-batches gives no step (each micro-batch shrinks alike, what does not divide is left
+    // out).
     let steps = order.len().div_ceil(bs);
+    let run = match (order.len() - (steps - 1) * bs) / lp.parts {
+        0 => steps - 1,
+        _ => steps,
+    };
     let rank = lp.ddp.map_or(0, |d| d.rank());
     let bar = progress::bar(order.len() as u64, "images");
     bar.set_prefix(format!("epoch {epoch}/{}", settings.epochs));
@@ -756,19 +752,14 @@ fn train_epoch(
         order: order_t.shallow_clone(),
         interrupted,
     };
-    for step in 0..steps {
+    for step in 0..run {
         let stop = progress::interrupted();
         if lp.ddp.map_or(Ok(stop), |d| d.any(stop))? {
             bar.finish_and_clear();
             return Ok(trained(true, f64::NAN, seen));
         }
         let start = step * bs;
-        let len = bs.min(order.len() - start);
-        // A partial last batch shrinks every micro-batch alike; what does not divide is left out.
-        let each = if len == bs { lp.micro } else { len / lp.parts };
-        if each == 0 {
-            continue;
-        }
+        let each = bs.min(order.len() - start) / lp.parts;
         model.adam.lr = settings.recipe.lr_at(
             settings.lr,
             (epoch - 1) * steps + step,
@@ -823,7 +814,7 @@ fn train_epoch(
         }
         bar.inc((each * settings.accumulate) as u64);
         // Read the loss back (a device sync) about twice a second, and at the end.
-        if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == steps {
+        if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == run {
             last_read = Instant::now();
             let loss_so_far = loss_acc.double_value(&[]) / seen.max(1) as f64;
             if !loss_so_far.is_finite() {
@@ -1129,9 +1120,11 @@ pub fn fit(
     // Results CSV: rebuilt from the checkpoint's history on resume, so it always holds one row
     // per checkpointed epoch.
     let csv_path = run_dir.join(RESULTS);
+    let prev_meta = data.previous.as_ref().map(|p| &p.meta);
+    let start_epoch = prev_meta.map_or(1, |m| m.epoch + 1);
     let mut record = Record {
-        best: model.best,
-        best_epoch: model.best_epoch,
+        best: prev_meta.and_then(|m| m.best_val_loss),
+        best_epoch: prev_meta.and_then(|m| m.best_epoch),
         history: match &data.previous {
             Some(prev) => resumed_rows(prev, &csv_path),
             None => Vec::new(),
@@ -1164,18 +1157,17 @@ pub fn fit(
         ddp: ddp.as_ref(),
         device,
         parts: world * settings.accumulate,
-        micro,
     };
     let mut scaler = amp::LossScaler::default();
     let mut summary = FitSummary {
         run_dir: run_dir.to_path_buf(),
-        epochs_done: model.start_epoch - 1,
+        epochs_done: start_epoch - 1,
         best_val_loss: record.best,
         interrupted: false,
         stopped: None,
     };
     let mut inputs = StaticInputs::new(micro, settings.augment == Augment::Original, device);
-    for epoch in model.start_epoch..=settings.epochs {
+    for epoch in start_epoch..=settings.epochs {
         let trained = train_epoch(
             &lp,
             &mut model,
