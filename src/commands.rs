@@ -80,21 +80,9 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
     let mut device = args.device.resolve_for_training()?;
     let group = match &job {
         Some(job) => {
-            if job.rank != 0 {
-                crate::progress::set_quiet();
-            }
-            if device.is_cuda() {
-                device = tch::Device::Cuda(job.local_rank);
-            } else if std::env::var_os("OMP_NUM_THREADS").is_none() {
-                // The machine's cores shared among the local ranks.
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                tch::set_num_threads((cores / job.local_world.max(1)).max(1) as i32);
-            }
-            Some(crate::dist::Group::join(
-                job,
-                args.dist_timeout,
-                device.is_cuda(),
-            )?)
+            let (rank_device, group) = join_job(job, device, args.dist_timeout)?;
+            device = rank_device;
+            Some(group)
         }
         None => None,
     };
@@ -123,7 +111,6 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             if let Some(k) = args.accumulate {
                 settings.accumulate = k;
             }
-            settings.cache_dir = image_cache_dir(args.cache_dir.as_deref());
             (settings, run_dir.clone(), Some(ckpt))
         }
         None => {
@@ -131,7 +118,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             let settings = FitSettings {
                 recipe,
                 accumulate: args.accumulate.unwrap_or(1),
-                cache_dir: image_cache_dir(args.cache_dir.as_deref()),
+                cache_dir: None,
                 data: args.data.unwrap_or_else(|| "datasetpdm".into()),
                 taxonomy: args.taxonomy,
                 weights_dir: args
@@ -158,6 +145,11 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             };
             (settings, run_dir, None)
         }
+    };
+    // A property of this machine, not of the run.
+    let settings = FitSettings {
+        cache_dir: image_cache_dir(args.cache_dir.as_deref()),
+        ..settings
     };
     if !crate::progress::quiet() {
         eprintln!("device: {}", device::describe(device));
@@ -385,6 +377,31 @@ fn recipe_settings(args: &FitArgs) -> RecipeSettings {
             .freeze_backbone_epochs
             .unwrap_or(preset.freeze_backbone_epochs),
     }
+}
+
+/// Makes this process one rank of the job: quiet unless rank 0, on `cuda:LOCAL_RANK` (or with its
+/// share of the CPU cores), joined to the others. Returns its device and group.
+fn join_job(
+    job: &crate::dist::Job,
+    device: tch::Device,
+    timeout_s: u32,
+) -> Result<(tch::Device, crate::dist::Group)> {
+    if job.rank != 0 {
+        crate::progress::set_quiet();
+    }
+    let device = match device.is_cuda() {
+        true => tch::Device::Cuda(job.local_rank),
+        false => {
+            if std::env::var_os("OMP_NUM_THREADS").is_none() {
+                // The machine's cores shared among the local ranks.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tch::set_num_threads((cores / job.local_world.max(1)).max(1) as i32);
+            }
+            device
+        }
+    };
+    let group = crate::dist::Group::join(job, timeout_s, device.is_cuda())?;
+    Ok((device, group))
 }
 
 /// `--cache-dir`: the folder given, none for `none`, else the per-user default.
