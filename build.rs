@@ -52,6 +52,7 @@ fn main() {
         field("__version__")
     );
     println!("cargo:rustc-env=TRAINER_TORCH_CUDA={}", field("cuda:"));
+    ort_library(std::path::Path::new(&lib));
     // Applies to every linked target: the binary, unit-test and integration-test executables.
     // The libtorch folder of the torch wheel the build used (a stable per-user cache path).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -96,4 +97,31 @@ fn shim_build(include: &std::path::Path) -> cc::Build {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1");
     build
+}
+
+/// The ONNX Runtime library of the `onnxruntime` wheel installed beside torch (scripts/setup
+/// installs both), baked into the binary as TRAINER_ORT_DYLIB: the CPU engine of `infer` and
+/// `eval` loads it at run time. Without it they run on libtorch.
+fn ort_library(lib: &std::path::Path) {
+    // site-packages itself changes when a package is installed or removed.
+    println!("cargo:rerun-if-changed={}", lib.join("../..").display());
+    let capi = lib.join("../../onnxruntime/capi");
+    let Ok(entries) = std::fs::read_dir(&capi) else {
+        println!("cargo:warning=onnxruntime wheel not found beside torch (scripts/setup installs it): infer and eval will run on libtorch on CPU");
+        return;
+    };
+    let mut found: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+        })
+        .collect();
+    found.sort();
+    if let Some(path) = found.last() {
+        let path = path.canonicalize().unwrap_or_else(|_| path.clone());
+        println!("cargo:rustc-env=TRAINER_ORT_DYLIB={}", path.display());
+    }
 }

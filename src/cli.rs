@@ -162,6 +162,11 @@ pub struct EvalArgs {
     /// on the sample images with the test weights: check your model with `eval` first).
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::amp::Precision>,
+    /// Engine of the forward pass: auto uses ONNX Runtime for fp32 on the CPU (the same outputs,
+    /// faster; its library comes with scripts/setup) and libtorch otherwise; torch forces
+    /// libtorch; onnxruntime fails where ONNX Runtime cannot be loaded.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: crate::model::Engine,
 }
 
 #[derive(Debug, Args)]
@@ -387,6 +392,11 @@ pub struct InferArgs {
     /// on the sample images with the test weights: check your model with `eval` first).
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::amp::Precision>,
+    /// Engine of the forward pass: auto uses ONNX Runtime for fp32 on the CPU (the same outputs,
+    /// faster; its library comes with scripts/setup) and libtorch otherwise; torch forces
+    /// libtorch; onnxruntime fails where ONNX Runtime cannot be loaded.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: crate::model::Engine,
 }
 
 fn parse_threshold(s: &str) -> Result<f32, String> {

@@ -20,13 +20,18 @@ fn load_model(
     weights: &std::path::Path,
     device: tch::Device,
     precision: Option<Precision>,
+    engine: crate::model::Engine,
 ) -> Result<crate::model::LoadedModel> {
     let mut model = load_for_inference(weights, device)?;
     model.precision = precision.unwrap_or(Precision::Fp32);
+    if let Some(note) = model.choose_engine(engine)? {
+        eprintln!("note: {note}");
+    }
     eprintln!(
-        "model: {}, {}",
+        "model: {}, {} on {}",
         model.description,
-        format!("{:?}", model.precision).to_lowercase()
+        format!("{:?}", model.precision).to_lowercase(),
+        model.engine_name()
     );
     Ok(model)
 }
@@ -34,7 +39,7 @@ fn load_model(
 /// `trainer infer`.
 pub fn infer(args: InferArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let model = load_model(&args.weights, device, args.precision)?;
+    let model = load_model(&args.weights, device, args.precision, args.engine)?;
     let opts = InferOptions {
         input: args.input,
         output: args.output,
@@ -202,7 +207,7 @@ const REPORT_REVIEW: usize = 12;
 /// `trainer eval`.
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let model = load_model(&args.weights, device, args.precision)?;
+    let model = load_model(&args.weights, device, args.precision, args.engine)?;
     let output = args.output.clone().unwrap_or_else(|| {
         args.weights
             .parent()

@@ -142,6 +142,14 @@ pub fn report() -> String {
             false => "not in this build (apt install libgloo-dev, then rebuild)".into(),
         }
     );
+    let _ = writeln!(
+        s,
+        "CPU engine of infer and eval (fp32): {}",
+        match crate::model::onnxruntime::describe() {
+            Ok(version) => format!("ONNX Runtime {version}"),
+            Err(why) => format!("libtorch ({why})"),
+        }
+    );
     let _ = writeln!(s, "CPU: {}", cpu());
     let _ = writeln!(
         s,

@@ -16,6 +16,11 @@ fn doctor_tells_the_torch_build_the_gpu_verdict_and_the_cpu() {
         text.contains("CPU: ") && text.contains("threads: libtorch"),
         "{text}"
     );
+    // scripts/setup installs the onnxruntime wheel the build finds.
+    assert!(
+        text.contains("CPU engine of infer and eval (fp32): ONNX Runtime 1."),
+        "{text}"
+    );
     assert!(
         text.contains("libtorch build configuration:") && text.contains("PyTorch built with"),
         "{text}"

@@ -143,6 +143,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
         description: String::new(),
         path: hdf5.clone(),
         precision: trainer::train::amp::Precision::Fp32,
+        onnx: None,
     };
     let (a, _) = predict_all(&best);
     let (b, _) = predict_all(&from_keras);

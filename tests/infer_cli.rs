@@ -345,3 +345,80 @@ fn bf16_is_opt_in_and_gives_probabilities_close_to_fp32() {
     assert_eq!(n, 36 * 11);
     assert!(mean > 0.0 && mean < 0.05, "mean |bf16 - fp32| = {mean}");
 }
+
+/// Runs `trainer infer` on the labelled sample with extra arguments and environment; returns
+/// whether it succeeded and its standard error.
+fn infer_labelled(out: &Path, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = common::trainer();
+    cmd.args(["infer", "--device", "cpu", "--weights"])
+        .arg(common::oracle().join("ndl_b0_model.hdf5"))
+        .arg("--input")
+        .arg(common::sample().join("labelled"))
+        .arg("--output")
+        .arg(out)
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn same_files(a: &Path, b: &Path) {
+    let names = common::file_names(a);
+    assert!(!names.is_empty());
+    assert_eq!(names, common::file_names(b));
+    for name in names {
+        assert_eq!(
+            std::fs::read(a.join(&name)).unwrap(),
+            std::fs::read(b.join(&name)).unwrap(),
+            "{name} differs"
+        );
+    }
+}
+
+#[test]
+fn engines_write_the_same_json_and_a_runtime_that_cannot_load_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, err) = infer_labelled(&d.join("auto"), &[], &[]);
+    assert!(ok && err.contains("fp32 on onnxruntime"), "{err}");
+    let (ok, err) = infer_labelled(&d.join("torch"), &["--engine", "torch"], &[]);
+    assert!(ok && err.contains("fp32 on libtorch"), "{err}");
+    same_files(&d.join("auto"), &d.join("torch"));
+
+    // Asked for by name, a missing library is an error that names it, before anything is written.
+    let missing = d.join("no/libonnxruntime.so");
+    let (ok, err) = infer_labelled(
+        &d.join("missing"),
+        &["--engine", "onnxruntime"],
+        &[("ORT_DYLIB_PATH", &missing)],
+    );
+    assert!(!ok && err.contains(&missing.display().to_string()), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!d.join("missing").exists());
+
+    // Chosen by auto, a file that is no library is named in a note and libtorch tags the images.
+    let bogus = d.join("libonnxruntime.so.1.99.0");
+    std::fs::write(&bogus, b"not a shared library").unwrap();
+    let (ok, err) = infer_labelled(&d.join("fallback"), &[], &[("ORT_DYLIB_PATH", &bogus)]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("note: cannot load ONNX Runtime from")
+            && err.contains(&bogus.display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("fp32 on libtorch"), "{err}");
+    same_files(&d.join("auto"), &d.join("fallback"));
+
+    // ONNX Runtime runs the original's fp32 only.
+    let (ok, err) = infer_labelled(
+        &d.join("bf16"),
+        &["--engine", "onnxruntime", "--precision", "bf16"],
+        &[],
+    );
+    assert!(!ok && err.contains("fp32 on the CPU only"), "{err}");
+}

@@ -98,3 +98,42 @@ fn the_inference_model_gives_oracle_probabilities() {
     let diff = max_abs_diff_to_oracle(&Tensor::from_slice(&probs).view([96, 11]));
     assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
 }
+
+#[test]
+fn both_engines_give_oracle_probabilities_in_image_order() {
+    // ONNX Runtime (what `infer` and `eval` use on the CPU) and libtorch, on batches of 1, 7 and
+    // 88 images: 7 and 88 are not multiples of the engine's chunk of images, so a chunk put back
+    // in the wrong place or a short last chunk would show.
+    use trainer::model::{Engine, LoadedModel};
+    let weights = common::oracle().join("ndl_b0_model.hdf5");
+    let mut ort = LoadedModel::load(&weights, Device::Cpu).unwrap();
+    assert_eq!(ort.choose_engine(Engine::Onnxruntime).unwrap(), None);
+    assert_eq!(ort.engine_name(), "onnxruntime");
+    let mut torch = LoadedModel::load(&weights, Device::Cpu).unwrap();
+    assert_eq!(torch.choose_engine(Engine::Torch).unwrap(), None);
+    assert_eq!(torch.engine_name(), "libtorch");
+    let bytes = Vec::<u8>::try_from(oracle_inputs().flatten(0, -1)).unwrap();
+    let per_image = 224 * 224 * 3;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for n in [1, 7, 88] {
+        let batch = &bytes[start * per_image..(start + n) * per_image];
+        a.extend(ort.predict(batch, n).unwrap());
+        b.extend(torch.predict(batch, n).unwrap());
+        start += n;
+    }
+    let (a, b) = (
+        Tensor::from_slice(&a).view([96, 11]),
+        Tensor::from_slice(&b).view([96, 11]),
+    );
+    assert!(max_abs_diff_to_oracle(&a) < 1e-4);
+    let between = (&a - &b).abs().max().double_value(&[]);
+    assert!(
+        between < 1e-4,
+        "onnxruntime and libtorch differ by {between}"
+    );
+    assert!(
+        ort.predict(&bytes[..per_image], 2).is_err(),
+        "a byte count that is not two images is refused"
+    );
+}

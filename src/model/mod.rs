@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod efficientnet;
 pub mod keras;
 pub mod onnx;
+pub mod onnxruntime;
 pub mod precision;
 pub mod torchscript;
 
@@ -35,6 +36,19 @@ pub struct LoadedModel {
     pub path: std::path::PathBuf,
     /// Forward-pass precision (fp32 unless the user opts into bf16 or fp16 autocast).
     pub precision: self::precision::Precision,
+    /// The ONNX Runtime session that runs the forward pass instead of libtorch, once chosen.
+    pub onnx: Option<self::onnxruntime::Engine>,
+}
+
+/// Which engine runs the forward pass of `infer` and `eval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// ONNX Runtime for fp32 on the CPU where its library loads, libtorch otherwise.
+    Auto,
+    /// libtorch on every device and precision.
+    Torch,
+    /// ONNX Runtime (fp32, CPU only); an error where its library cannot be loaded.
+    Onnxruntime,
 }
 
 const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
@@ -93,6 +107,7 @@ impl LoadedModel {
             description: format!("{} ({report})", path.display()),
             path: path.to_path_buf(),
             precision: self::precision::Precision::Fp32,
+            onnx: None,
         })
     }
 
@@ -124,12 +139,74 @@ impl LoadedModel {
             ),
             path: path.to_path_buf(),
             precision: self::precision::Precision::Fp32,
+            onnx: None,
         })
+    }
+
+    /// Sets the engine of the forward pass, once the device and precision are set. Returns a note
+    /// when `Auto` could not use ONNX Runtime and stays on libtorch.
+    pub fn choose_engine(&mut self, engine: Engine) -> Result<Option<String>> {
+        let cpu_fp32 =
+            self.vs.device() == Device::Cpu && self.precision == self::precision::Precision::Fp32;
+        match engine {
+            Engine::Torch => Ok(None),
+            Engine::Auto if !cpu_fp32 => Ok(None),
+            Engine::Onnxruntime if !cpu_fp32 => bail!(
+                "--engine onnxruntime runs fp32 on the CPU only (leave out --precision, and give --device cpu)"
+            ),
+            Engine::Onnxruntime => {
+                self.onnx = Some(self.onnx_engine()?);
+                Ok(None)
+            }
+            Engine::Auto => match self.onnx_engine() {
+                Ok(e) => {
+                    self.onnx = Some(e);
+                    Ok(None)
+                }
+                Err(e) => Ok(Some(format!("{e:#}; the forward pass runs on libtorch"))),
+            },
+        }
+    }
+
+    /// An ONNX Runtime session over this model's graph, with as many threads as libtorch uses.
+    fn onnx_engine(&self) -> Result<self::onnxruntime::Engine> {
+        let labels = &self.taxonomy.labels;
+        let meta = self::onnx::Metadata {
+            labels,
+            thresholds: &self.thresholds,
+            image_size: self.image_size,
+        };
+        let graph = self::onnx::export(&self.vs, &meta)?;
+        let threads = tch::get_num_threads().max(1) as usize;
+        self::onnxruntime::Engine::new(&graph, labels.len(), self.image_size, threads)
+    }
+
+    /// The engine of the forward pass, for messages.
+    pub fn engine_name(&self) -> &'static str {
+        if self.onnx.is_some() {
+            "onnxruntime"
+        } else {
+            "libtorch"
+        }
     }
 
     /// Probabilities for a batch of preprocessed images (`n * size * size * 3` BGR bytes). A
     /// probability that is not a finite number is an error naming the weights file.
     pub fn predict(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+        let probs = match &self.onnx {
+            Some(engine) => engine.predict(pixels, n)?,
+            None => self.predict_torch(pixels, n)?,
+        };
+        if probs.iter().any(|p| !p.is_finite()) {
+            bail!(
+                "{}: the model gives probabilities that are not numbers (NaN); the weights file is damaged or was trained into divergence",
+                self.path.display()
+            );
+        }
+        Ok(probs)
+    }
+
+    fn predict_torch(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
         let s = self.image_size as i64;
         let pixels = Tensor::from_slice(pixels).view([n as i64, s, s, 3]);
         let device = self.vs.device();
@@ -149,14 +226,9 @@ impl LoadedModel {
             .to_kind(tch::Kind::Float)
             .sigmoid()
         });
-        let probs = Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1))?;
-        if probs.iter().any(|p| !p.is_finite()) {
-            bail!(
-                "{}: the model gives probabilities that are not numbers (NaN); the weights file is damaged or was trained into divergence",
-                self.path.display()
-            );
-        }
-        Ok(probs)
+        Ok(Vec::<f32>::try_from(
+            probs.to_device(Device::Cpu).flatten(0, -1),
+        )?)
     }
 }
 
