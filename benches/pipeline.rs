@@ -10,7 +10,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 use trainer::data::augment::{augment, Augment};
 use trainer::data::decode::load_resized;
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
-use trainer::model::LoadedModel;
+use trainer::model::{Engine, LoadedModel};
 use trainer::train::adam::Adam;
 
 fn images() -> Vec<PathBuf> {
@@ -81,20 +81,26 @@ fn main() {
     let keras = std::env::var_os("TRAINER_SHARED")
         .map(|s| PathBuf::from(s).join("fixtures/keras-oracle/ndl_b0_model.hdf5"))
         .unwrap_or(keras);
-    let model = LoadedModel::load(&keras, Device::Cpu).expect("the oracle model");
     let n = 64.min(cache.len());
     let pixels: Vec<u8> = cache[..n].concat();
-    let _ = model.predict(&pixels, n);
-    let t0 = Instant::now();
-    for _ in 0..3 {
+    for engine in [Engine::Onnxruntime, Engine::Torch] {
+        let mut model = LoadedModel::load(&keras, Device::Cpu).expect("the oracle model");
+        if let Err(e) = model.choose_engine(engine) {
+            eprintln!("{engine:?}: {e:#}");
+            continue;
+        }
         let _ = model.predict(&pixels, n);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            let _ = model.predict(&pixels, n);
+        }
+        let fwd = (3 * n) as f64 / t0.elapsed().as_secs_f64();
+        rows.push((
+            format!("inference forward, batch {n}, {}", model.engine_name()),
+            threads.to_string(),
+            fwd,
+        ));
     }
-    let fwd = (3 * n) as f64 / t0.elapsed().as_secs_f64();
-    rows.push((
-        format!("inference forward, batch {n}, as infer runs it"),
-        threads.to_string(),
-        fwd,
-    ));
 
     // Training steps at batch 48, 224x224, fp32 on CPU.
     tch::manual_seed(0);
