@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
+use ort::session::Session;
 use ort::value::TensorRef;
 
 /// The shared library the build found in the wheel; `ORT_DYLIB_PATH` overrides it.
@@ -82,6 +83,7 @@ fn build_session(
     env: &ort::environment::Environment,
     model: &[u8],
     threads: usize,
+    packed: &PrepackedWeights,
 ) -> Result<Session> {
     let fail = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow!("{e}");
     Session::builder(env)
@@ -95,6 +97,9 @@ fn build_session(
         // Idle threads sleep instead of spinning, leaving the cores to the image decoders.
         .with_intra_op_spinning(false)
         .map_err(fail)?
+        // The weights in the kernels' layouts, once for all the sessions.
+        .with_prepacked_weights(packed)
+        .map_err(fail)?
         .commit_from_memory(model)
         .map_err(|e| anyhow!("{e}"))
         .context("ONNX Runtime cannot build a session for the model")
@@ -107,9 +112,10 @@ impl Engine {
         let threads = threads.max(1);
         let workers = threads.min(MAX_WORKERS);
         let per_worker = threads / workers;
+        let packed = PrepackedWeights::new();
         let sessions = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
-                .map(|_| scope.spawn(|| build_session(env, model, per_worker)))
+                .map(|_| scope.spawn(|| build_session(env, model, per_worker, &packed)))
                 .collect();
             handles
                 .into_iter()
