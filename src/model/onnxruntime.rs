@@ -79,6 +79,14 @@ pub struct Engine {
 /// activations, about 100 MB); more cores go to intra-op threads.
 const MAX_WORKERS: usize = 8;
 
+/// Sessions and intra-op threads per session for `threads` cores: a session per core up to
+/// `MAX_WORKERS`, then as few threads per session as keep the sessions at most `MAX_WORKERS`.
+fn split_threads(threads: usize) -> (usize, usize) {
+    let threads = threads.max(1);
+    let per_worker = threads.div_ceil(MAX_WORKERS);
+    (threads / per_worker, per_worker)
+}
+
 fn build_session(
     env: &ort::environment::Environment,
     model: &[u8],
@@ -109,9 +117,7 @@ impl Engine {
     /// Builds the sessions from the ONNX model bytes, for `threads` cores in all.
     pub fn new(model: &[u8], labels: usize, image_size: usize, threads: usize) -> Result<Self> {
         let env = environment().map_err(|e| anyhow!(e))?;
-        let threads = threads.max(1);
-        let workers = threads.min(MAX_WORKERS);
-        let per_worker = threads / workers;
+        let (workers, per_worker) = split_threads(threads);
         let packed = PrepackedWeights::new();
         let sessions = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
@@ -201,5 +207,27 @@ impl Engine {
         let outputs = session.run(ort::inputs!["images" => input])?;
         let (_, probs) = outputs["probabilities"].try_extract_tensor::<f32>()?;
         Ok(probs.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_are_split_into_at_most_eight_sessions_without_oversubscribing() {
+        assert_eq!(split_threads(0), (1, 1));
+        assert_eq!(split_threads(2), (2, 1));
+        assert_eq!(split_threads(8), (8, 1));
+        assert_eq!(split_threads(12), (6, 2));
+        assert_eq!(split_threads(16), (8, 2));
+        assert_eq!(split_threads(9), (4, 2));
+        for t in 1..200 {
+            let (w, p) = split_threads(t);
+            assert!(
+                (1..=MAX_WORKERS).contains(&w) && w * p <= t,
+                "{t}: {w} x {p}"
+            );
+        }
     }
 }
