@@ -165,21 +165,13 @@ fn unreadable_files_are_reported_and_skipped() {
 
 fn infer_error(weights: &Path) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let output = common::trainer()
-        .args(["infer", "--device", "cpu", "--weights"])
-        .arg(weights)
-        .arg("--input")
-        .arg(common::sample().join("labelled"))
-        .arg("--output")
-        .arg(dir.path().join("out"))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
+    let (ok, err) = infer_labelled(weights, &dir.path().join("out"), &[], &[]);
+    assert!(!ok);
     assert!(
         !dir.path().join("out").exists(),
         "nothing is written when the weights are refused"
     );
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    err
 }
 
 #[test]
@@ -346,12 +338,17 @@ fn bf16_is_opt_in_and_gives_probabilities_close_to_fp32() {
     assert!(mean > 0.0 && mean < 0.05, "mean |bf16 - fp32| = {mean}");
 }
 
-/// Runs `trainer infer` on the labelled sample with extra arguments and environment; returns
-/// whether it succeeded and its standard error.
-fn infer_labelled(out: &Path, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+/// Runs `trainer infer` with `weights` on the labelled sample, with extra arguments and
+/// environment; returns whether it succeeded and its standard error.
+fn infer_labelled(
+    weights: &Path,
+    out: &Path,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> (bool, String) {
     let mut cmd = common::trainer();
     cmd.args(["infer", "--device", "cpu", "--weights"])
-        .arg(common::oracle().join("ndl_b0_model.hdf5"))
+        .arg(weights)
         .arg("--input")
         .arg(common::sample().join("labelled"))
         .arg("--output")
@@ -384,15 +381,17 @@ fn same_files(a: &Path, b: &Path) {
 fn engines_write_the_same_json_and_a_runtime_that_cannot_load_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (ok, err) = infer_labelled(&d.join("auto"), &[], &[]);
+    let keras = common::oracle().join("ndl_b0_model.hdf5");
+    let (ok, err) = infer_labelled(&keras, &d.join("auto"), &[], &[]);
     assert!(ok && err.contains("fp32 on onnxruntime"), "{err}");
-    let (ok, err) = infer_labelled(&d.join("torch"), &["--engine", "torch"], &[]);
+    let (ok, err) = infer_labelled(&keras, &d.join("torch"), &["--engine", "torch"], &[]);
     assert!(ok && err.contains("fp32 on libtorch"), "{err}");
     same_files(&d.join("auto"), &d.join("torch"));
 
     // Asked for by name, a missing library is an error that names it, before anything is written.
     let missing = d.join("no/libonnxruntime.so");
     let (ok, err) = infer_labelled(
+        &keras,
         &d.join("missing"),
         &["--engine", "onnxruntime"],
         &[("ORT_DYLIB_PATH", &missing)],
@@ -404,7 +403,12 @@ fn engines_write_the_same_json_and_a_runtime_that_cannot_load_is_named() {
     // Chosen by auto, a file that is no library is named in a note and libtorch tags the images.
     let bogus = d.join("libonnxruntime.so.1.99.0");
     std::fs::write(&bogus, b"not a shared library").unwrap();
-    let (ok, err) = infer_labelled(&d.join("fallback"), &[], &[("ORT_DYLIB_PATH", &bogus)]);
+    let (ok, err) = infer_labelled(
+        &keras,
+        &d.join("fallback"),
+        &[],
+        &[("ORT_DYLIB_PATH", &bogus)],
+    );
     assert!(ok, "{err}");
     assert!(
         err.contains("note: cannot load ONNX Runtime from")
@@ -416,6 +420,7 @@ fn engines_write_the_same_json_and_a_runtime_that_cannot_load_is_named() {
 
     // ONNX Runtime runs the original's fp32 only.
     let (ok, err) = infer_labelled(
+        &keras,
         &d.join("bf16"),
         &["--engine", "onnxruntime", "--precision", "bf16"],
         &[],
