@@ -148,23 +148,22 @@ impl LoadedModel {
     pub fn choose_engine(&mut self, engine: Engine) -> Result<Option<String>> {
         let cpu_fp32 =
             self.vs.device() == Device::Cpu && self.precision == self::precision::Precision::Fp32;
-        match engine {
-            Engine::Torch => Ok(None),
-            Engine::Auto if !cpu_fp32 => Ok(None),
-            Engine::Onnxruntime if !cpu_fp32 => bail!(
+        match (engine, cpu_fp32) {
+            (Engine::Torch, _) | (Engine::Auto, false) => return Ok(None),
+            (Engine::Onnxruntime, false) => bail!(
                 "--engine onnxruntime runs fp32 on the CPU only (leave out --precision, and give --device cpu)"
             ),
-            Engine::Onnxruntime => {
-                self.onnx = Some(self.onnx_engine()?);
+            _ => {}
+        }
+        match self.onnx_engine() {
+            Ok(e) => {
+                self.onnx = Some(e);
                 Ok(None)
             }
-            Engine::Auto => match self.onnx_engine() {
-                Ok(e) => {
-                    self.onnx = Some(e);
-                    Ok(None)
-                }
-                Err(e) => Ok(Some(format!("{e:#}; the forward pass runs on libtorch"))),
-            },
+            Err(e) if engine == Engine::Auto => {
+                Ok(Some(format!("{e:#}; the forward pass runs on libtorch")))
+            }
+            Err(e) => Err(e),
         }
     }
 
