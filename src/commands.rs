@@ -13,7 +13,7 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
 use crate::train::amp::Precision;
 use crate::train::fit::{self, FitSettings};
-use crate::train::recipe::{Recipe, RecipeSettings};
+use crate::train::recipe::RecipeSettings;
 
 /// The model of `infer` and `eval`, in fp32 unless another precision is asked for.
 fn load_model(
@@ -133,10 +133,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 val_fraction: args.val_fraction,
                 augment: args.augment,
                 image_size: args.image_size as usize,
-                lr: args.lr.unwrap_or(match args.recipe {
-                    Recipe::Original => 1e-4,
-                    Recipe::Modern => RecipeSettings::MODERN_LR,
-                }),
+                lr: args.lr.unwrap_or(RecipeSettings::preset_lr(args.recipe)),
                 batch_size: args.batch_size as usize,
                 epochs: args.epochs.unwrap_or(100),
                 drop_connect: args.drop_connect,

@@ -64,6 +64,14 @@ impl RecipeSettings {
     pub const MODERN_EMA: f64 = 0.998;
     pub const MODERN_PRECISE_BN: usize = 2048;
 
+    /// The preset's Adam learning rate (the peak, with a schedule): the original's 1e-4.
+    pub fn preset_lr(recipe: Recipe) -> f64 {
+        match recipe {
+            Recipe::Original => 1e-4,
+            Recipe::Modern => Self::MODERN_LR,
+        }
+    }
+
     /// The preset's values (the original's are all off).
     pub fn preset(recipe: Recipe) -> Self {
         match recipe {
