@@ -67,7 +67,7 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
     );
     if s.interrupted {
         eprintln!("interrupted: the JSON files written are complete; run the same command again to redo the rest");
-        return Ok(ExitCode::from(130));
+        return Ok(crate::progress::interrupted_exit_code());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -159,7 +159,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
     let s = fit::fit(&settings, &run_dir, previous, device, group)?;
     if crate::progress::quiet() {
         return Ok(match s.interrupted {
-            true => ExitCode::from(130),
+            true => crate::progress::interrupted_exit_code(),
             false => ExitCode::SUCCESS,
         });
     }
@@ -170,7 +170,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
             s.epochs_done,
             run_dir.display()
         );
-        return Ok(ExitCode::from(130));
+        return Ok(crate::progress::interrupted_exit_code());
     }
     eprintln!(
         "done: {} epochs{}; best validation loss {}; checkpoints in {}, Keras weights in {}",
@@ -345,7 +345,7 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
         eprintln!(
             "interrupted: only whole images were written; run the same command again to continue"
         );
-        return Ok(ExitCode::from(130));
+        return Ok(crate::progress::interrupted_exit_code());
     }
     if s.short > 0 {
         eprintln!(

@@ -1,6 +1,6 @@
 //! `trainer fit --nproc-per-node N`: starts N ranks of this program on this machine with
 //! torchrun's environment variables, and watches them: when one fails, the others are stopped
-//! and the failing rank is named; Ctrl-C reaches every rank, which stop together.
+//! and the failing rank is named; Ctrl-C or SIGTERM reaches every rank, which stop together.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -90,12 +90,9 @@ fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
     let mut stopping_since: Option<Instant> = None;
     let mut interrupt_passed = false;
     while statuses.iter().any(Option::is_none) {
-        if progress::interrupted() && !interrupt_passed {
+        if let Some(sig) = progress::stop_signal().filter(|_| !interrupt_passed) {
             interrupt_passed = true;
-            children
-                .iter()
-                .flatten()
-                .for_each(|c| signal(c, libc::SIGINT));
+            children.iter().flatten().for_each(|c| signal(c, sig));
         }
         for (rank, slot) in children.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
@@ -130,9 +127,12 @@ fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
             status.code().unwrap_or(1).clamp(1, 255) as u8
         ));
     }
-    let interrupted = statuses.iter().flatten().any(|s| s.code() == Some(130));
+    let interrupted = statuses
+        .iter()
+        .flatten()
+        .any(|s| matches!(s.code(), Some(130) | Some(143)));
     Ok(match interrupted {
-        true => ExitCode::from(130),
+        true => progress::interrupted_exit_code(),
         false => ExitCode::SUCCESS,
     })
 }

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     trainer::data::decode::set_max_pixels(cli.max_pixels);
-    trainer::progress::install_ctrlc_handler();
+    trainer::progress::install_signal_handlers();
     let result = match cli.command {
         Command::Infer(args) => trainer::commands::infer(args),
         Command::Fit(args) => trainer::commands::fit(args),

@@ -133,9 +133,38 @@ impl Module for SameConv {
 fn norm(x: Tensor, bn: &nn::BatchNorm, folded: bool, train: bool) -> Tensor {
     if folded {
         x
+    } else if train && x.numel() as i64 == x.size()[1] {
+        one_value_norm(&x, bn)
     } else {
         x.apply_t(bn, train)
     }
+}
+
+/// A training-mode batch-norm over one value per channel (one image whose feature map is 1x1):
+/// libtorch's unbiased running variance would divide by n - 1 = 0 and write NaN into the model.
+/// Keras (TensorFlow's fused batch-norm) corrects by n / max(n - 1, 1) instead, so the batch
+/// variance is 0: the output is beta, the running mean moves towards the value and the running
+/// variance towards 0, as the original's training does.
+fn one_value_norm(x: &Tensor, bn: &nn::BatchNorm) -> Tensor {
+    let y = Tensor::batch_norm(
+        x,
+        bn.ws.as_ref(),
+        bn.bs.as_ref(),
+        None::<&Tensor>,
+        None::<&Tensor>,
+        true,
+        BN_MOMENTUM,
+        BN_EPS,
+        false,
+    );
+    tch::no_grad(|| {
+        let value = x.detach().to_kind(bn.running_mean.kind()).reshape([-1]);
+        let mean = &bn.running_mean * (1.0 - BN_MOMENTUM) + value * BN_MOMENTUM;
+        let var = &bn.running_var * (1.0 - BN_MOMENTUM);
+        bn.running_mean.shallow_clone().copy_(&mean);
+        bn.running_var.shallow_clone().copy_(&var);
+    });
+    y
 }
 
 /// Folds an evaluation-mode batch-norm into the convolution before it: the kernel is scaled per
@@ -462,6 +491,34 @@ mod tests {
             model.forward_t(&Tensor::zeros([2, 3, 64, 48], tch::kind::FLOAT_CPU), false)
         });
         assert_eq!(out.size(), [2, 11]);
+    }
+
+    #[test]
+    fn one_value_per_channel_gives_keras_statistics_not_nan() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let bn = batch_norm(vs.root() / "bn", 3);
+        tch::no_grad(|| {
+            bn.running_var.shallow_clone().fill_(2.0);
+            bn.running_mean.shallow_clone().fill_(1.0);
+        });
+        let x = Tensor::from_slice(&[5.0f32, -3.0, 0.5]).view([1, 3, 1, 1]);
+        let y = norm(x.shallow_clone(), &bn, false, true);
+        let beta = bn.bs.as_ref().map(|b| b.view([1, 3, 1, 1])).unwrap();
+        assert!(y.allclose(&beta, 1e-5, 1e-5, false), "{y}");
+        let mean = Vec::<f32>::try_from(&bn.running_mean).unwrap();
+        let var = Vec::<f32>::try_from(&bn.running_var).unwrap();
+        for (m, v) in [5.0f32, -3.0, 0.5].iter().zip(&mean) {
+            assert!((v - (0.99 + 0.01 * m)).abs() < 1e-6, "{mean:?}");
+        }
+        assert!(var.iter().all(|v| (v - 1.98).abs() < 1e-6), "{var:?}");
+        // Two values per channel take libtorch's own path (unbiased running variance).
+        let x2 = Tensor::from_slice(&[1.0f32, 3.0, 0.0, 0.0, 2.0, 2.0]).view([2, 3, 1, 1]);
+        let _ = norm(x2, &bn, false, true);
+        let var = Vec::<f32>::try_from(&bn.running_var).unwrap();
+        assert!(
+            (var[2] - (1.98 * 0.99 + 0.01 * 2.0)).abs() < 1e-5,
+            "{var:?}"
+        );
     }
 
     #[test]

@@ -822,10 +822,7 @@ fn train_epoch(
                 bail!(
                     "epoch {epoch}, by step {}: the training loss is {loss_so_far}; stopping. {}; a lower --lr may help",
                     step + 1,
-                    match epoch > 1 {
-                        true => format!("{} (epoch {}) is kept", lp.run_dir.join(LAST).display(), epoch - 1),
-                        false => "no checkpoint had been written yet".to_string(),
-                    }
+                    kept_checkpoint(lp.run_dir, epoch)
                 );
             }
             bar.set_message(format!("loss {loss_so_far:.4}"));
@@ -840,6 +837,18 @@ fn train_epoch(
     };
     let (loss, images) = (sums[0] / sums[1].max(1.0), sums[1] as usize);
     Ok(trained(false, loss, images))
+}
+
+/// What a run stopped in `epoch` keeps, for its message.
+fn kept_checkpoint(run_dir: &Path, epoch: usize) -> String {
+    match epoch > 1 {
+        true => format!(
+            "{} (epoch {}) is kept",
+            run_dir.join(LAST).display(),
+            epoch - 1
+        ),
+        false => "no checkpoint had been written yet".to_string(),
+    }
 }
 
 /// A failed backward pass: with several ranks, the gradient exchange (another rank stopped).
@@ -951,6 +960,12 @@ fn finish_epoch(
     // (rebuilt whole), then the Keras weights: a failure at any point (a full disk) leaves a
     // CSV with one row per checkpointed epoch, or a checkpoint that can rebuild it.
     let val_loss = validation.as_ref().map(|v| v.loss);
+    if let Some(v) = val_loss.filter(|v| !v.is_finite()) {
+        bail!(
+            "epoch {epoch}: the validation loss is {v}; stopping. {}; a lower --lr may help",
+            kept_checkpoint(run_dir, epoch)
+        );
+    }
     let improved = match (val_loss, record.best) {
         (Some(v), Some(b)) => v < b,
         (Some(_), None) => true,
