@@ -127,14 +127,12 @@ fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
             status.code().unwrap_or(1).clamp(1, 255) as u8
         ));
     }
-    let interrupted = statuses
+    // Ranks stopped by Ctrl-C or SIGTERM (passed on from here, or sent to them directly).
+    let stopped = statuses
         .iter()
         .flatten()
-        .any(|s| matches!(s.code(), Some(130) | Some(143)));
-    Ok(match interrupted {
-        true => progress::interrupted_exit_code(),
-        false => ExitCode::SUCCESS,
-    })
+        .find_map(|s| s.code().filter(|c| matches!(c, 130 | 143)));
+    Ok(stopped.map_or(ExitCode::SUCCESS, |c| ExitCode::from(c as u8)))
 }
 
 #[cfg(test)]
