@@ -94,6 +94,17 @@ def jpeg2000_writers(out):
     yield "j2k_lossy_grey.jp2", lambda p: Image.fromarray(grey).save(p, **lossy)
     yield "j2k_codestream_rgb.j2k", lambda p: Image.fromarray(rgb8).save(p, **lossy)
     yield "j2k_codestream_grey.j2k", lambda p: Image.fromarray(grey).save(p)
+    def sycc(p):
+        # A JP2 whose colour specification box says sYCC (enumerated colour space 18): OpenCV
+        # converts its components with cvtColor(COLOR_YUV2BGR).
+        Image.fromarray(rgb8).save(p, irreversible=False)
+        data = bytearray(open(p, "rb").read())
+        at = data.index(b"colr") + 4
+        assert data[at] == 1 and data[at + 3 : at + 7] == (16).to_bytes(4, "big")
+        data[at + 3 : at + 7] = (18).to_bytes(4, "big")
+        open(p, "wb").write(bytes(data))
+
+    yield "j2k_sycc.jp2", sycc
     yield "j2k_16bit_grey.jp2", lambda p: Image.fromarray(pattern16(1)).save(p)
     yield "j2k_rgba.jp2", lambda p: Image.fromarray(np.dstack([rgb8, grey]), "RGBA").save(p)
 
@@ -115,9 +126,10 @@ def pnm_writers(out):
     yield "pnm_auto.pnm", lambda p: cv2.imwrite(p, bgr8)
     yield "pnm_pillow.ppm", lambda p: Image.fromarray(bgr8[:, :, ::-1].copy()).save(p)
     yield "pnm_pillow.pbm", lambda p: Image.fromarray(grey > 100).save(p)
-    # Hand-written: a maximum value of 15 (ASCII is scaled, binary is not), one of 1000
-    # (16-bit: high byte, values above it clamped in ASCII), a comment in the header.
-    yield "pnm_maxval15_ascii.pgm", lambda p: ascii_pnm(p, "P2", 15, grey % 20)
+    # Hand-written: a maximum value of 100 (ASCII is clamped and scaled, rounding down), one of 15
+    # (binary is not scaled), one of 1000 (16-bit: high byte, values above it clamped in ASCII),
+    # a comment in the header.
+    yield "pnm_maxval100_ascii.pgm", lambda p: ascii_pnm(p, "P2", 100, grey % 120)
     yield "pnm_maxval1000_ascii.ppm", lambda p: ascii_pnm(p, "P3", 1000, pattern16(3) % 1200)
 
     def binary15(p):

@@ -104,6 +104,8 @@ fn every_format_decodes_as_cv2_imread() {
         "j2k_lossless_grey.jp2",
         "j2k_lossy_grey.jp2",
         "j2k_codestream_rgb.j2k",
+        "j2k_sycc.jp2",
+        "j2k_16bit_grey.jp2",
         "pnm_binary.pbm",
         "pnm_ascii.pbm",
         "pnm_binary.pgm",
@@ -119,6 +121,10 @@ fn every_format_decodes_as_cv2_imread() {
         "png_16bit_grey.png",
         "tiff_rgba_unassociated.tif",
         "tiff_jpeg_ycbcr.tif",
+        "tiff_jpeg_cv2.tif",
+        "tiff_float32_cv2.tif",
+        "tiff_tiled.tif",
+        "tiff_orientation_6.tif",
         "jpeg_cmyk.jpg",
         "control.jpg",
         "control.png",
@@ -186,4 +192,31 @@ fn tiff_bomb_and_truncation_are_refused() {
     std::fs::write(&cut, &jpeg_tiff[..jpeg_tiff.len() * 2 / 3]).unwrap();
     let err = read_bgr(&cut).unwrap_err().to_string();
     assert!(err.contains("cut.tif"), "{err}");
+}
+
+/// PBM/PGM/PPM: a header claiming a huge image, a file cut short, a stray byte among ASCII
+/// samples.
+#[test]
+fn pnm_bomb_and_truncation_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[u8], &str); 4] = [
+        (
+            "bomb.ppm",
+            b"P6\n60000 60000\n255\n\x01\x02\x03",
+            "60000x60000",
+        ),
+        ("cut.pgm", b"P5 4 4 255\n\x01\x02\x03", "cut short"),
+        ("stray.pgm", b"P2 2 1 255\n1 x", "unexpected byte"),
+        (
+            "wide.pgm",
+            b"P5 2 1 70000\n\x01\x02\x03\x04",
+            "maximum value 70000",
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = read_bgr(&path).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains(reason), "{err}");
+    }
 }

@@ -1,7 +1,7 @@
 //! JPEG 2000 (`.jp2` files and `.j2k` codestreams) through OpenJPEG, the library `cv2.imread`
 //! links, converted to 8-bit BGR as OpenCV's `Jpeg2KOpjDecoder` does: every component shifted
 //! right by (largest precision - 8), sRGB (or unspecified) components 0, 1, 2 as R, G, B,
-//! grayscale replicated, alpha dropped.
+//! sYCC ones through OpenCV's integer YUV-to-BGR conversion, grayscale replicated, alpha dropped.
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -11,6 +11,7 @@ const OPJ_CLRSPC_UNKNOWN: c_int = -1;
 const OPJ_CLRSPC_UNSPECIFIED: c_int = 0;
 const OPJ_CLRSPC_SRGB: c_int = 1;
 const OPJ_CLRSPC_GRAY: c_int = 2;
+const OPJ_CLRSPC_SYCC: c_int = 3;
 
 #[repr(C)]
 struct OpjComp {
@@ -280,6 +281,7 @@ fn to_bgr(
     };
     // B, G, R source planes, as OpenCV picks them for its output.
     let order = match color_space {
+        OPJ_CLRSPC_SYCC if comps.len() >= 3 => [0, 1, 2],
         OPJ_CLRSPC_UNKNOWN | OPJ_CLRSPC_UNSPECIFIED | OPJ_CLRSPC_SRGB if comps.len() >= 3 => {
             [2, 1, 0]
         }
@@ -304,7 +306,29 @@ fn to_bgr(
             out.push((p[i] >> shift) as u8);
         }
     }
+    if color_space == OPJ_CLRSPC_SYCC {
+        for px in out.chunks_exact_mut(3) {
+            px.copy_from_slice(&yuv_to_bgr(px[0], px[1], px[2]));
+        }
+    }
     Ok(out)
+}
+
+/// OpenCV's `cvtColor(COLOR_YUV2BGR)` on 8-bit samples: fixed point with 14 fraction bits,
+/// rounded, saturated.
+fn yuv_to_bgr(y: u8, u: u8, v: u8) -> [u8; 3] {
+    const U2B: i32 = 33292;
+    const U2G: i32 = -6472;
+    const V2G: i32 = -9519;
+    const V2R: i32 = 18678;
+    let descale = |x: i32| (x + (1 << 13)) >> 14;
+    let (y, u, v) = (i32::from(y), i32::from(u) - 128, i32::from(v) - 128);
+    let sat = |x: i32| x.clamp(0, 255) as u8;
+    [
+        sat(y + descale(u * U2B)),
+        sat(y + descale(u * U2G + v * V2G)),
+        sat(y + descale(v * V2R)),
+    ]
 }
 
 #[cfg(test)]
