@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::metadata::Orientation;
 
-use super::jpeg::{self, Jpeg};
 use super::resize::resize_linear;
+use super::{jp2, jpeg, pnm, tiff};
 
 /// Default largest image, in pixels, that is decoded: 100 megapixels (300 MB of BGR bytes). A
 /// decompression bomb (a tiny file whose header claims a huge image) is refused from its header.
@@ -73,8 +73,12 @@ pub struct Bgr8 {
     pub data: Vec<u8>,
 }
 
-/// Image file extensions that `trainer` looks at when it scans folders (case-insensitive).
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
+/// Image file extensions of the formats `trainer` reads (case-insensitive): those `cv2.imread`
+/// reads (JPEG, PNG, BMP, TIFF, WebP, JPEG 2000, PBM/PGM/PPM), and GIF.
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "jpe", "png", "bmp", "tif", "tiff", "webp", "jp2", "j2k", "j2c", "jpc", "pbm",
+    "pgm", "ppm", "pnm", "gif",
+];
 
 /// True when the path has one of [`IMAGE_EXTENSIONS`].
 pub fn has_image_extension(path: &Path) -> bool {
@@ -84,39 +88,40 @@ pub fn has_image_extension(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Decodes an encoded image into 8-bit BGR, as `cv2.imread(path)` does: JPEG through
-/// libjpeg-turbo (the same pixels), other formats through the `image` crate; grayscale is
-/// replicated into three channels, alpha is dropped, 16-bit samples keep their high byte.
+/// Decodes an encoded image into 8-bit BGR, as `cv2.imread(path)` does, choosing the decoder
+/// from the first bytes as OpenCV does: JPEG through libjpeg-turbo, TIFF through libtiff, JPEG
+/// 2000 through OpenJPEG (the libraries OpenCV links, converted as OpenCV converts), PBM/PGM/PPM
+/// as OpenCV's own reader, PNG, BMP, WebP and GIF through the `image` crate; grayscale is
+/// replicated into three channels, alpha is dropped, 16-bit PNG samples keep their high byte.
 pub fn decode_bgr(bytes: &[u8], path: &Path) -> Result<Bgr8, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty {
             path: path.display().to_string(),
         });
     }
-    if jpeg::is_jpeg(bytes) {
-        match jpeg::decode_bgr(bytes, check_size) {
-            Ok(Jpeg::Bgr(width, height, data)) => {
-                let img = Bgr8 {
-                    width,
-                    height,
-                    data,
-                };
-                let orientation = jpeg::exif_tiff(bytes)
-                    .and_then(Orientation::from_exif_chunk)
-                    .unwrap_or(Orientation::NoTransforms);
-                return Ok(orient(img, orientation));
-            }
-            Ok(Jpeg::Unsupported) => {}
-            Err(reason) => return Err(DecodeError::invalid(path, reason)),
-        }
-    }
-    let img = decode_other(bytes).map_err(|reason| DecodeError::invalid(path, reason))?;
-    let (width, height) = (img.width() as usize, img.height() as usize);
-    let rgb = img.into_rgb8();
-    let mut data = rgb.into_raw();
-    for px in data.chunks_exact_mut(3) {
-        px.swap(0, 2);
-    }
+    let invalid = |reason: String| DecodeError::invalid(path, reason);
+    let (width, height, data) = if jpeg::is_jpeg(bytes) {
+        let (width, height, data) = jpeg::decode_bgr(bytes, check_size).map_err(invalid)?;
+        let orientation = jpeg::exif_tiff(bytes)
+            .and_then(Orientation::from_exif_chunk)
+            .unwrap_or(Orientation::NoTransforms);
+        let img = Bgr8 {
+            width,
+            height,
+            data,
+        };
+        return Ok(orient(img, orientation));
+    } else if tiff::is_tiff(bytes) {
+        tiff::decode_bgr(bytes, max_alloc(), check_size).map_err(invalid)?
+    } else if jp2::is_jpeg2000(bytes) {
+        jp2::decode_bgr(bytes, check_size).map_err(invalid)?
+    } else if pnm::is_pnm(bytes) {
+        pnm::decode_bgr(bytes, check_size).map_err(invalid)?
+    } else {
+        let img = decode_other(bytes).map_err(invalid)?;
+        let (width, height) = (img.width() as usize, img.height() as usize);
+        (width, height, to_bgr8(img))
+    };
     Ok(Bgr8 {
         width,
         height,
@@ -124,7 +129,43 @@ pub fn decode_bgr(bytes: &[u8], path: &Path) -> Result<Bgr8, DecodeError> {
     })
 }
 
-/// Non-JPEG formats through the `image` crate: dimensions checked from the header first, then
+/// The most one decoder may allocate at once: 16-bit RGBA, the widest sample layout, is 8 bytes a
+/// pixel, plus the decoder's own buffers.
+fn max_alloc() -> u64 {
+    max_pixels().saturating_mul(16)
+}
+
+/// 8-bit BGR from the `image` crate's decoded image: 16-bit samples keep their high byte (as
+/// libpng's `png_set_strip_16`, which OpenCV's PNG reader uses), alpha is dropped.
+fn to_bgr8(img: image::DynamicImage) -> Vec<u8> {
+    use image::DynamicImage as D;
+    let high = |samples: &[u16], channels: usize| -> Vec<u8> {
+        let mut out = Vec::with_capacity(samples.len() / channels * 3);
+        for px in samples.chunks_exact(channels) {
+            let v = |i: usize| (px[i] >> 8) as u8;
+            if channels < 3 {
+                out.extend([v(0), v(0), v(0)]);
+            } else {
+                out.extend([v(2), v(1), v(0)]);
+            }
+        }
+        out
+    };
+    match &img {
+        D::ImageLuma16(b) => return high(b.as_raw(), 1),
+        D::ImageLumaA16(b) => return high(b.as_raw(), 2),
+        D::ImageRgb16(b) => return high(b.as_raw(), 3),
+        D::ImageRgba16(b) => return high(b.as_raw(), 4),
+        _ => {}
+    }
+    let mut data = img.into_rgb8().into_raw();
+    for px in data.chunks_exact_mut(3) {
+        px.swap(0, 2);
+    }
+    data
+}
+
+/// PNG, BMP, WebP and GIF through the `image` crate: dimensions checked from the header first, then
 /// decoded with an allocation limit, then turned upright by the file's EXIF orientation.
 fn decode_other(bytes: &[u8]) -> Result<image::DynamicImage, String> {
     use image::ImageDecoder;
@@ -132,8 +173,7 @@ fn decode_other(bytes: &[u8]) -> Result<image::DynamicImage, String> {
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
     let mut limits = image::Limits::default();
-    // 16-bit RGBA is the widest sample layout: 8 bytes a pixel, plus the decoder's own buffers.
-    limits.max_alloc = Some(max_pixels().saturating_mul(16));
+    limits.max_alloc = Some(max_alloc());
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
     let (w, h) = decoder.dimensions();
@@ -337,5 +377,24 @@ mod tests {
             err.contains("bomb.png") && err.contains("100000x100000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn sixteen_bit_png_keeps_the_high_byte_and_drops_alpha() {
+        let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_raw(
+            2,
+            1,
+            vec![
+                0x12ff, 0x3480, 0x567f, 0x0001, 0xffff, 0x00ff, 0x8000, 0xabcd,
+            ],
+        )
+        .unwrap();
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgba16(img)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let got = decode_bgr(&png, Path::new("deep.png")).unwrap();
+        // Rounding would give 0x13 for 0x12ff and 1 for 0x00ff; the high byte is kept.
+        assert_eq!(got.data, [0x56, 0x34, 0x12, 0x80, 0x00, 0xff]);
     }
 }

@@ -6,8 +6,9 @@ use std::ffi::{c_char, c_int, c_uchar, c_ulong, c_void, CStr};
 type TjHandle = *mut c_void;
 
 const TJPF_BGR: c_int = 1;
+const TJPF_CMYK: c_int = 11;
 const TJERR_WARNING: c_int = 0;
-/// `TJCS_CMYK` and `TJCS_YCCK`: TurboJPEG cannot turn these into BGR.
+/// `TJCS_CMYK` and `TJCS_YCCK`: decoded to CMYK, then to BGR as OpenCV does.
 const TJCS_CMYK: c_int = 3;
 const TJCS_YCCK: c_int = 4;
 
@@ -37,14 +38,6 @@ extern "C" {
     ) -> c_int;
     fn tjGetErrorStr2(handle: TjHandle) -> *mut c_char;
     fn tjGetErrorCode(handle: TjHandle) -> c_int;
-}
-
-/// Outcome of a JPEG decode.
-pub enum Jpeg {
-    /// Width, height and BGR bytes.
-    Bgr(usize, usize, Vec<u8>),
-    /// A CMYK/YCCK JPEG, which TurboJPEG cannot convert: decode it some other way.
-    Unsupported,
 }
 
 struct Handle(TjHandle);
@@ -105,13 +98,15 @@ pub fn exif_tiff(bytes: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Decodes a JPEG into BGR. `check` sees the header's width and height before any pixel memory
-/// is allocated and may refuse them. A file cut short is an error, like any fatal libjpeg error;
-/// other libjpeg warnings (stray bytes between markers) are tolerated as `cv2.imread` does.
+/// Decodes a JPEG into BGR: width, height and bytes. `check` sees the header's width and height
+/// before any pixel memory is allocated and may refuse them. A file cut short is an error, like
+/// any fatal libjpeg error; other libjpeg warnings (stray bytes between markers) are tolerated as
+/// `cv2.imread` does. A CMYK or YCCK JPEG is decoded to libjpeg's CMYK output (YCCK converted by
+/// libjpeg) and then to BGR by [`cmyk_to_bgr`], as OpenCV's JPEG reader does.
 pub fn decode_bgr(
     bytes: &[u8],
     check: impl Fn(u64, u64) -> Result<(), String>,
-) -> Result<Jpeg, String> {
+) -> Result<(usize, usize, Vec<u8>), String> {
     // SAFETY: plain C call with no arguments.
     let handle = Handle(unsafe { tjInitDecompress() });
     if handle.0.is_null() {
@@ -133,16 +128,16 @@ pub fn decode_bgr(
     if rc != 0 {
         return Err(handle.error());
     }
-    if colorspace == TJCS_CMYK || colorspace == TJCS_YCCK {
-        return Ok(Jpeg::Unsupported);
-    }
+    let cmyk = colorspace == TJCS_CMYK || colorspace == TJCS_YCCK;
     if w <= 0 || h <= 0 {
         return Err("zero-sized image".into());
     }
     check(w as u64, h as u64)?;
     let (width, height) = (w as usize, h as usize);
-    let mut out = vec![0u8; width * height * 3];
-    // SAFETY: `out` holds exactly width * height * 3 bytes, the size TurboJPEG writes for BGR.
+    let (channels, format) = if cmyk { (4, TJPF_CMYK) } else { (3, TJPF_BGR) };
+    let mut out = vec![0u8; width * height * channels];
+    // SAFETY: `out` holds exactly width * height * channels bytes, the size TurboJPEG writes for
+    // this pixel format.
     let rc = unsafe {
         tjDecompress2(
             handle.0,
@@ -152,7 +147,7 @@ pub fn decode_bgr(
             w,
             0,
             h,
-            TJPF_BGR,
+            format,
             0,
         )
     };
@@ -164,5 +159,38 @@ pub fn decode_bgr(
             return Err(message);
         }
     }
-    Ok(Jpeg::Bgr(width, height, out))
+    if cmyk {
+        out = cmyk_to_bgr(&out);
+    }
+    Ok((width, height, out))
+}
+
+/// OpenCV's `icvCvt_CMYK2BGR_8u_C4C3R` on libjpeg's CMYK samples (stored inverted, as Adobe
+/// writes them): each of C, M, Y becomes `k - ((255 - v) * k >> 8)`, written in B, G, R order
+/// from Y, M, C.
+pub fn cmyk_to_bgr(cmyk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for px in cmyk.chunks_exact(4) {
+        let k = i32::from(px[3]);
+        let f = |v: u8| (k - (((255 - i32::from(v)) * k) >> 8)) as u8;
+        out.extend([f(px[2]), f(px[1]), f(px[0])]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmyk_conversion_is_opencvs_integer_formula() {
+        // Adobe CMYK is stored inverted: 255 is no ink. K = 255 nearly keeps C, M, Y as R, G, B
+        // (255 -> 255, 128 -> 255 - (127 * 255 >> 8) = 129, 0 -> 255 - 254 = 1); K = 0 is black.
+        assert_eq!(cmyk_to_bgr(&[255, 128, 0, 255]), [1, 129, 255]);
+        assert_eq!(cmyk_to_bgr(&[200, 100, 50, 0]), [0, 0, 0]);
+        // k - ((255 - v) * k >> 8) for v = 10, 20, 30 and k = 100.
+        let f = |v: i32| (100 - (((255 - v) * 100) >> 8)) as u8;
+        assert_eq!(cmyk_to_bgr(&[10, 20, 30, 100]), [f(30), f(20), f(10)]);
+        assert_eq!(cmyk_to_bgr(&[1, 2, 3, 4, 5, 6, 7, 8]).len(), 6);
+    }
 }
