@@ -158,30 +158,33 @@ pub fn best_threshold(scores: &[f32], truth: &[bool], current: f32) -> Option<(f
 }
 
 /// Parent relations implied by a taxonomy: `(child, parent)` label indices where every folder
-/// that sets the child also sets the parent (`picture_landmark` -> `picture`, ...).
+/// that sets the child also sets the parent (`picture_landmark` -> `picture`, ...), in label
+/// order. Each label's folders are a bit set, so this takes labels² × folders / 64 word
+/// operations, not a search of the folder lists per pair.
 pub fn implied_parents(taxonomy: &crate::data::taxonomy::Taxonomy) -> Vec<(usize, usize)> {
-    let labels = &taxonomy.labels;
+    let index: std::collections::HashMap<&str, usize> = taxonomy
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
+    let words = taxonomy.folders.len().div_ceil(64);
+    let mut folders_of = vec![vec![0u64; words]; taxonomy.labels.len()];
+    for (f, labels) in taxonomy.folders.values().enumerate() {
+        for l in labels.iter().filter_map(|l| index.get(l.as_str())) {
+            folders_of[*l][f / 64] |= 1 << (f % 64);
+        }
+    }
+    let subset = |a: &[u64], b: &[u64]| a.iter().zip(b).all(|(x, y)| x & !y == 0);
     let mut pairs = Vec::new();
-    for (c, child) in labels.iter().enumerate() {
-        let folders: Vec<&Vec<String>> = taxonomy
-            .folders
-            .values()
-            .filter(|ls| ls.contains(child))
-            .collect();
-        if folders.is_empty() {
+    for (c, child) in folders_of.iter().enumerate() {
+        if child.iter().all(|w| *w == 0) {
             continue;
         }
-        for (p, parent) in labels.iter().enumerate() {
-            if p != c && folders.iter().all(|ls| ls.contains(parent)) {
-                // Skip labels that always co-occur both ways (no hierarchy between them).
-                let reverse = taxonomy
-                    .folders
-                    .values()
-                    .filter(|ls| ls.contains(parent))
-                    .all(|ls| ls.contains(child));
-                if !reverse {
-                    pairs.push((c, p));
-                }
+        for (p, parent) in folders_of.iter().enumerate() {
+            // Skip labels that always co-occur both ways (no hierarchy between them).
+            if p != c && subset(child, parent) && !subset(parent, child) {
+                pairs.push((c, p));
             }
         }
     }
@@ -289,6 +292,50 @@ mod tests {
         assert!(!named.contains(&("picture_outdoor", "picture_landmark")));
         assert!(!named.iter().any(|(c, _)| *c == "graphic" || *c == "stamp"));
         assert_eq!(named.len(), 9);
+    }
+
+    /// The definition, one folder search per pair.
+    fn implied_parents_by_search(t: &crate::data::taxonomy::Taxonomy) -> Vec<(usize, usize)> {
+        let sets =
+            |l: &String| -> Vec<bool> { t.folders.values().map(|ls| ls.contains(l)).collect() };
+        let mut pairs = Vec::new();
+        for (c, child) in t.labels.iter().enumerate() {
+            let sc = sets(child);
+            if !sc.contains(&true) {
+                continue;
+            }
+            for (p, parent) in t.labels.iter().enumerate() {
+                let sp = sets(parent);
+                let sub = |a: &[bool], b: &[bool]| a.iter().zip(b).all(|(x, y)| !x || *y);
+                if p != c && sub(&sc, &sp) && !sub(&sp, &sc) {
+                    pairs.push((c, p));
+                }
+            }
+        }
+        pairs
+    }
+
+    #[test]
+    fn implied_parents_match_the_definition_on_random_taxonomies() {
+        use crate::data::taxonomy::Taxonomy;
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize
+        };
+        for _ in 0..50 {
+            let labels: Vec<String> = (0..1 + next() % 12).map(|i| format!("l{i}")).collect();
+            let folders = (0..next() % 70)
+                .map(|f| {
+                    let ls = labels.iter().filter(|_| next() % 3 == 0).cloned().collect();
+                    (format!("f{f}"), ls)
+                })
+                .collect();
+            let t = Taxonomy { labels, folders };
+            assert_eq!(implied_parents(&t), implied_parents_by_search(&t));
+        }
     }
 
     #[test]
