@@ -604,7 +604,15 @@ pub fn print_report(rep: &EvalReport) {
     if violations.is_empty() {
         eprintln!("  hierarchy: no child label predicted without its parent");
     } else {
-        eprintln!("  hierarchy violations: {}", violations.join("; "));
+        const SHOWN: usize = 20;
+        let more = match violations.len() > SHOWN {
+            true => format!("; and {} more in eval.json", violations.len() - SHOWN),
+            false => String::new(),
+        };
+        eprintln!(
+            "  hierarchy violations: {}{more}",
+            violations[..violations.len().min(SHOWN)].join("; ")
+        );
     }
     if !rep.calibration.is_empty() {
         eprintln!("  calibrated thresholds (F1 on these images):");

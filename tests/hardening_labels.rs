@@ -171,7 +171,7 @@ fn metadata_only_checkpoint(path: &Path, taxonomy: Taxonomy) {
     })
     .to_string();
     let mut header = header.into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();

@@ -90,12 +90,21 @@ fn check_folders(root: &Path, folders: &[String], taxonomy: &Taxonomy, hint: &st
         .map(String::as_str)
         .collect();
     if !unknown.is_empty() {
+        // At most 30 of each list: a taxonomy may have thousands of folders.
+        let listed = |names: Vec<&str>| -> String {
+            let more = names.len().saturating_sub(30);
+            let mut text = names[..names.len().min(30)].join(", ");
+            if more > 0 {
+                text += &format!(" and {more} more");
+            }
+            text
+        };
         let known: Vec<&str> = taxonomy.folders.keys().map(String::as_str).collect();
         bail!(
             "{}: unknown tag folder(s): {}. Known tags: {}. ({hint})",
             root.display(),
-            unknown.join(", "),
-            known.join(", ")
+            listed(unknown),
+            listed(known)
         );
     }
     Ok(())
@@ -308,6 +317,24 @@ mod tests {
         let err = open(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("unknown tag folder(s): cats, dogs"), "{err}");
         assert!(err.contains("Known tags: graphic_graph"), "{err}");
+    }
+
+    #[test]
+    fn long_folder_lists_are_cut_in_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::create_dir_all(dir.path().join(format!("u{i:02}"))).unwrap();
+        }
+        let taxonomy = Taxonomy {
+            labels: vec!["a".into()],
+            folders: (0..100).map(|i| (format!("k{i:03}"), vec![])).collect(),
+        };
+        let err = open_with(dir.path(), &taxonomy).unwrap_err().to_string();
+        assert!(
+            err.contains("u00, u01") && err.contains("u29 and 10 more."),
+            "{err}"
+        );
+        assert!(err.contains("k029 and 70 more."), "{err}");
     }
 
     #[test]
