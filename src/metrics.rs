@@ -145,8 +145,34 @@ pub fn best_threshold(scores: &[f32], truth: &[bool], current: f32) -> Option<(f
     candidates.push(current);
     candidates.sort_by(f32::total_cmp);
     candidates.dedup();
-    let targets: Vec<f32> = truth.iter().map(|&y| if y { 1.0 } else { 0.0 }).collect();
-    let f1_at = |t: f32| count(scores, &targets, 1, &[t])[0].f1();
+    // The counts at each candidate from the sorted scores (a binary search each, not a pass
+    // over the images: a calibration of many labels on many images stays n log n per label).
+    let sorted = |positive: bool| -> Vec<f32> {
+        let mut v: Vec<f32> = scores
+            .iter()
+            .zip(truth)
+            .filter(|(s, y)| **y == positive && !s.is_nan())
+            .map(|(s, _)| *s)
+            .collect();
+        v.sort_by(f32::total_cmp);
+        v
+    };
+    let (pos, neg) = (sorted(true), sorted(false));
+    let positives = truth.iter().filter(|y| **y).count() as u64;
+    let above = |v: &[f32], t: f32| match t.is_nan() {
+        true => 0,
+        false => (v.len() - v.partition_point(|s| *s <= t)) as u64,
+    };
+    let f1_at = |t: f32| {
+        let (tp, fp) = (above(&pos, t), above(&neg, t));
+        Counts {
+            tp,
+            fp,
+            fn_: positives - tp,
+            tn: 0,
+        }
+        .f1()
+    };
     let mut best: Option<(f32, f64)> = None;
     for t in candidates {
         let f = f1_at(t);
@@ -292,6 +318,44 @@ mod tests {
         assert!(!named.contains(&("picture_outdoor", "picture_landmark")));
         assert!(!named.iter().any(|(c, _)| *c == "graphic" || *c == "stamp"));
         assert_eq!(named.len(), 9);
+    }
+
+    #[test]
+    fn best_threshold_equals_a_full_count_at_every_candidate() {
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for round in 0..200 {
+            let n = 1 + round % 40;
+            // Coarse scores, so that ties and scores equal to `current` occur.
+            let scores: Vec<f32> = (0..n).map(|_| (next() * 8.0).floor() / 8.0).collect();
+            let truth: Vec<bool> = (0..n).map(|_| next() < 0.4).collect();
+            let current = (next() * 8.0).floor() / 8.0;
+            let targets: Vec<f32> = truth.iter().map(|&y| f32::from(u8::from(y))).collect();
+            let mut candidates = scores.clone();
+            candidates.extend([0.0, current]);
+            candidates.sort_by(f32::total_cmp);
+            candidates.dedup();
+            let mut expected: Option<(f32, f64)> = None;
+            for t in candidates {
+                let f = count(&scores, &targets, 1, &[t])[0].f1();
+                if expected.is_none_or(|(_, bf)| f > bf) {
+                    expected = Some((t, f));
+                }
+            }
+            if !truth.contains(&true) {
+                expected = None;
+            }
+            assert_eq!(
+                best_threshold(&scores, &truth, current),
+                expected,
+                "{scores:?} {truth:?}"
+            );
+        }
     }
 
     /// The definition, one folder search per pair.
