@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use crate::csvfile::{self, outside};
 use crate::data::dataset::{self, ImageCache};
-use crate::fsutil::{csv_opt, write_atomic};
+use crate::fsutil::write_atomic;
 use crate::metrics::{self, Counts};
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
 use crate::model::LoadedModel;
@@ -207,13 +208,20 @@ pub fn report(
             }
         })
         .collect();
+    // As bits, a taxonomy's many (child, parent) pairs cost a few words per pair, not a pass
+    // over the images each.
+    let (above, at_or_below) = match hierarchy.is_empty() {
+        true => (Vec::new(), Vec::new()),
+        false => predicted_bits(probs, thresholds),
+    };
     let violations = hierarchy
         .iter()
         .map(|&(c, p)| {
-            let images = probs
-                .chunks_exact(n_labels)
-                .filter(|r| r[c] > thresholds[c] && r[p] <= thresholds[p])
-                .count() as u64;
+            let images = above[c]
+                .iter()
+                .zip(&at_or_below[p])
+                .map(|(a, b)| u64::from((a & b).count_ones()))
+                .sum();
             Violation {
                 child: labels[c].clone(),
                 parent: labels[p].clone(),
@@ -222,6 +230,72 @@ pub fn report(
         })
         .collect();
     (per_label, counts, violations)
+}
+
+/// Most labels `confusion.png` shows (a cell is 64 pixels wide, so 32 make a 2,288-pixel picture).
+pub const MAX_CONFUSION_LABELS: usize = 32;
+
+/// The labels `confusion.png` shows, in label order: all of them up to
+/// [`MAX_CONFUSION_LABELS`], else that many with the most positives (then the most predicted).
+fn confusion_labels(counts: &[Counts]) -> Vec<usize> {
+    let mut chosen: Vec<usize> = (0..counts.len()).collect();
+    if chosen.len() > MAX_CONFUSION_LABELS {
+        use std::cmp::Reverse;
+        chosen.sort_by_key(|&l| {
+            let c = &counts[l];
+            (Reverse(c.support()), Reverse(c.tp + c.fp), l)
+        });
+        chosen.truncate(MAX_CONFUSION_LABELS);
+        chosen.sort_unstable();
+    }
+    chosen
+}
+
+/// `co[t][p]` over the `chosen` labels: images with true label `chosen[t]` that were predicted
+/// label `chosen[p]`.
+fn co_occurrence(
+    probs: &[f32],
+    targets: &[f32],
+    thresholds: &[f32],
+    chosen: &[usize],
+) -> Vec<Vec<u64>> {
+    let n_labels = thresholds.len();
+    let mut co = vec![vec![0u64; chosen.len()]; chosen.len()];
+    for (p, t) in probs
+        .chunks_exact(n_labels)
+        .zip(targets.chunks_exact(n_labels))
+    {
+        for (row, &ti) in co.iter_mut().zip(chosen) {
+            if t[ti] >= 0.5 {
+                for (cell, &pi) in row.iter_mut().zip(chosen) {
+                    if p[pi] > thresholds[pi] {
+                        *cell += 1;
+                    }
+                }
+            }
+        }
+    }
+    co
+}
+
+/// Per label, as bits over the images: where `p > threshold`, and where `p <= threshold`.
+fn predicted_bits(probs: &[f32], thresholds: &[f32]) -> (Vec<Vec<u64>>, Vec<Vec<u64>>) {
+    let n_labels = thresholds.len();
+    let words = (probs.len() / n_labels.max(1)).div_ceil(64);
+    let mut above = vec![vec![0u64; words]; n_labels];
+    let mut at_or_below = above.clone();
+    for (i, row) in probs.chunks_exact(n_labels).enumerate() {
+        let bit = 1u64 << (i % 64);
+        for (l, (&p, &t)) in row.iter().zip(thresholds).enumerate() {
+            if p > t {
+                above[l][i / 64] |= bit;
+            }
+            if p <= t {
+                at_or_below[l][i / 64] |= bit;
+            }
+        }
+    }
+    (above, at_or_below)
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -298,26 +372,25 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
         })
         .collect();
     plots::pr_curves(&opts.output.join("pr_curves.png"), &curves)?;
-    let mut co = vec![vec![0u64; n_labels]; n_labels];
-    for (p, t) in probs
-        .chunks_exact(n_labels)
-        .zip(targets.chunks_exact(n_labels))
-    {
-        for (ti, row) in co.iter_mut().enumerate() {
-            if t[ti] >= 0.5 {
-                for (pi, cell) in row.iter_mut().enumerate() {
-                    if p[pi] > thresholds[pi] {
-                        *cell += 1;
-                    }
-                }
-            }
-        }
-    }
-    let note = match opts.threshold {
+    let shown = confusion_labels(&counts);
+    let co = co_occurrence(&probs, &targets, &thresholds, &shown);
+    let mut note = match opts.threshold {
         Some(t) => format!("threshold {t}"),
         None => "model thresholds".into(),
     };
-    plots::confusion(&opts.output.join("confusion.png"), &labels, &co, &note)?;
+    if shown.len() < n_labels {
+        note += &format!(
+            "; the {} of {n_labels} labels with the most positives",
+            shown.len()
+        );
+    }
+    let shown_labels: Vec<String> = shown.iter().map(|&l| labels[l].clone()).collect();
+    plots::confusion(
+        &opts.output.join("confusion.png"),
+        &shown_labels,
+        &co,
+        &note,
+    )?;
 
     let review = review_list(&probs, &targets, &thresholds, opts.review);
     if opts.review > 0 {
@@ -415,38 +488,36 @@ fn save_thresholds(model: &LoadedModel, opts: &EvalOptions, thresholds: &[f32]) 
     Ok(new_path)
 }
 
+/// `eval.csv`: one row per label (the label neutralised, see [`csvfile`]), then micro and macro.
 fn eval_csv(rep: &EvalReport) -> String {
     let mut s =
         String::from("label,threshold,precision,recall,f1,support,tp,fp,fn,average_precision\n");
     for l in &rep.labels {
-        s += &format!(
-            "{},{},{:.6},{:.6},{:.6},{},{},{},{},{}\n",
-            l.label,
-            l.threshold,
-            l.precision,
-            l.recall,
-            l.f1,
-            l.support,
-            l.tp,
-            l.fp,
-            l.fn_,
-            csv_opt(l.average_precision)
-        );
+        s += &csvfile::line([
+            outside(&l.label).into_owned(),
+            l.threshold.to_string(),
+            format!("{:.6}", l.precision),
+            format!("{:.6}", l.recall),
+            format!("{:.6}", l.f1),
+            l.support.to_string(),
+            l.tp.to_string(),
+            l.fp.to_string(),
+            l.fn_.to_string(),
+            csvfile::opt(l.average_precision),
+        ]);
     }
-    s += &format!(
-        "micro,,,,{:.6},,,,,{}\n",
-        rep.micro_f1,
-        csv_opt(rep.micro_average_precision)
-    );
-    s += &format!(
-        "macro,,,,{},,,,,{}\n",
-        csv_opt(rep.macro_f1),
-        csv_opt(rep.macro_average_precision)
-    );
+    let (micro, macro_) = (format!("{:.6}", rep.micro_f1), csvfile::opt(rep.macro_f1));
+    for (name, f1, ap) in [
+        ("micro", micro, csvfile::opt(rep.micro_average_precision)),
+        ("macro", macro_, csvfile::opt(rep.macro_average_precision)),
+    ] {
+        s += &csvfile::line([name, "", "", "", &f1, "", "", "", "", &ap]);
+    }
     s
 }
 
-/// `review.csv`: per label, the false positives and negatives with the largest loss.
+/// `review.csv`: per label, the false positives and negatives with the largest loss (labels and
+/// paths neutralised, see [`csvfile`]).
 fn write_review(
     path: &Path,
     cache: &ImageCache,
@@ -469,21 +540,22 @@ fn write_review(
             .filter(|&k| row[k] > thresholds[k])
             .map(|k| format!("{}={:.3}", labels[k], row[k]))
             .collect();
-        out += &format!(
-            "{},{},{},{:.4},{:.4},{},{},{}\n",
-            labels[r.label],
-            r.rank,
+        let path = cache.samples[i].path.display().to_string();
+        out += &csvfile::line([
+            outside(&labels[r.label]).into_owned(),
+            r.rank.to_string(),
             if r.false_positive {
                 "false positive"
             } else {
                 "false negative"
-            },
-            row[r.label],
-            r.loss,
-            crate::fsutil::csv_field(&cache.samples[i].path.display().to_string()),
-            truth.join(";"),
-            predicted.join(";")
-        );
+            }
+            .into(),
+            format!("{:.4}", row[r.label]),
+            format!("{:.4}", r.loss),
+            outside(&path).into_owned(),
+            outside(&truth.join(";")).into_owned(),
+            outside(&predicted.join(";")).into_owned(),
+        ]);
     }
     write_atomic(path, out.as_bytes())
 }
@@ -532,7 +604,15 @@ pub fn print_report(rep: &EvalReport) {
     if violations.is_empty() {
         eprintln!("  hierarchy: no child label predicted without its parent");
     } else {
-        eprintln!("  hierarchy violations: {}", violations.join("; "));
+        const SHOWN: usize = 20;
+        let more = match violations.len() > SHOWN {
+            true => format!("; and {} more in eval.json", violations.len() - SHOWN),
+            false => String::new(),
+        };
+        eprintln!(
+            "  hierarchy violations: {}{more}",
+            violations[..violations.len().min(SHOWN)].join("; ")
+        );
     }
     if !rep.calibration.is_empty() {
         eprintln!("  calibrated thresholds (F1 on these images):");
@@ -547,4 +627,95 @@ pub fn print_report(rep: &EvalReport) {
 
 fn fmt3(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts_with_support(support: &[u64]) -> Vec<Counts> {
+        support
+            .iter()
+            .map(|&s| Counts {
+                tp: s,
+                ..Counts::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_confusion_picture_shows_every_label_up_to_the_cap_then_the_most_frequent() {
+        let few = counts_with_support(&[0, 3, 1]);
+        assert_eq!(confusion_labels(&few), [0, 1, 2]);
+        let support: Vec<u64> = (0..1000).map(|l| (l % 97) as u64).collect();
+        let chosen = confusion_labels(&counts_with_support(&support));
+        assert_eq!(chosen.len(), MAX_CONFUSION_LABELS);
+        assert!(chosen.windows(2).all(|w| w[0] < w[1]), "{chosen:?}");
+        assert!(chosen.iter().all(|&l| support[l] >= 96 - 4), "{chosen:?}");
+        // 2 images, 3 labels; only labels 0 and 2 shown.
+        let probs = [0.9, 0.9, 0.1, 0.2, 0.0, 0.8];
+        let targets = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+        let co = co_occurrence(&probs, &targets, &[0.5; 3], &[0, 2]);
+        assert_eq!(co, [[1, 0], [0, 1]]);
+    }
+
+    #[test]
+    fn violations_count_child_without_parent_across_word_boundaries() {
+        // 130 images (three 64-bit words), 2 labels; label 1 predicted without label 0 on
+        // every third image, one of them exactly at the threshold.
+        let mut probs = Vec::new();
+        for i in 0..130 {
+            let child = if i % 3 == 0 { 0.9 } else { 0.1 };
+            let parent = if i % 3 == 0 && i != 129 { 0.2 } else { 0.7 };
+            probs.extend([if i == 3 { 0.5 } else { parent }, child]);
+        }
+        let targets = vec![0.0; probs.len()];
+        let labels = vec!["parent".to_string(), "child".to_string()];
+        let (_, _, v) = report(&probs, &targets, &labels, &[0.5, 0.5], &[(1, 0)]);
+        let expected = probs
+            .chunks_exact(2)
+            .filter(|r| r[1] > 0.5 && r[0] <= 0.5)
+            .count() as u64;
+        assert_eq!(expected, 43);
+        assert_eq!(v[0].images, expected);
+    }
+
+    #[test]
+    fn eval_csv_neutralises_labels_and_keeps_plain_rows() {
+        let label = |name: &str| LabelReport {
+            label: name.into(),
+            threshold: 0.4,
+            precision: 0.5,
+            recall: 1.0,
+            f1: 2.0 / 3.0,
+            support: 2,
+            tp: 2,
+            fp: 2,
+            fn_: 0,
+            average_precision: None,
+        };
+        let rep = EvalReport {
+            weights: "w".into(),
+            data: "d".into(),
+            images: 4,
+            loss: 0.1,
+            micro_f1: 0.5,
+            macro_f1: None,
+            micro_average_precision: Some(0.25),
+            macro_average_precision: None,
+            labels: vec![label("stamp"), label("=1+1,\"x\"")],
+            hierarchy_violations: vec![],
+            calibration: vec![],
+            calibrated_checkpoint: None,
+        };
+        let text = eval_csv(&rep);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "stamp,0.4,0.500000,1.000000,0.666667,2,2,2,0,");
+        assert_eq!(
+            lines[2],
+            "\"'=1+1,\"\"x\"\"\",0.4,0.500000,1.000000,0.666667,2,2,2,0,"
+        );
+        assert_eq!(lines[3], "micro,,,,0.500000,,,,,0.250000");
+        assert_eq!(lines[4], "macro,,,,,,,,,");
+    }
 }

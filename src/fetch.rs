@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::csvfile;
 use crate::data::decode::decode_bgr;
 use crate::fsutil::write_atomic;
 use crate::progress;
@@ -381,7 +382,7 @@ fn check_image(bytes: &[u8]) -> Result<(), FetchError> {
         .map_err(|e| FetchError::NotImage(e.to_string()))
 }
 
-/// Append-only `fetch.csv` log.
+/// Append-only `fetch.csv` log (written through [`csvfile`]).
 struct Log(Mutex<std::fs::File>);
 
 impl Log {
@@ -401,9 +402,10 @@ impl Log {
     }
 
     fn row(&self, fields: &[&str]) {
-        let line: Vec<String> = fields.iter().map(|f| crate::fsutil::csv_field(f)).collect();
+        // Every field comes from the server, the metadata or the command line.
+        let line = csvfile::line(fields.iter().map(|f| csvfile::outside(f)));
         let mut f = self.0.lock().expect("log");
-        let _ = writeln!(f, "{}", line.join(","));
+        let _ = f.write_all(line.as_bytes());
         let _ = f.flush();
     }
 }

@@ -139,20 +139,6 @@ pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
     Ok(DirLock { _file: file })
 }
 
-/// An optional number as a CSV field: 6 decimals, or empty.
-pub fn csv_opt(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.6}")).unwrap_or_default()
-}
-
-/// A CSV field, quoted when it holds a comma, a quote or a newline.
-pub fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod csvfile;
 pub mod data;
 pub mod device;
 pub mod dist;

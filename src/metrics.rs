@@ -145,8 +145,34 @@ pub fn best_threshold(scores: &[f32], truth: &[bool], current: f32) -> Option<(f
     candidates.push(current);
     candidates.sort_by(f32::total_cmp);
     candidates.dedup();
-    let targets: Vec<f32> = truth.iter().map(|&y| if y { 1.0 } else { 0.0 }).collect();
-    let f1_at = |t: f32| count(scores, &targets, 1, &[t])[0].f1();
+    // The counts at each candidate from the sorted scores (a binary search each, not a pass
+    // over the images: a calibration of many labels on many images stays n log n per label).
+    let sorted = |positive: bool| -> Vec<f32> {
+        let mut v: Vec<f32> = scores
+            .iter()
+            .zip(truth)
+            .filter(|(s, y)| **y == positive && !s.is_nan())
+            .map(|(s, _)| *s)
+            .collect();
+        v.sort_by(f32::total_cmp);
+        v
+    };
+    let (pos, neg) = (sorted(true), sorted(false));
+    let positives = truth.iter().filter(|y| **y).count() as u64;
+    let above = |v: &[f32], t: f32| match t.is_nan() {
+        true => 0,
+        false => (v.len() - v.partition_point(|s| *s <= t)) as u64,
+    };
+    let f1_at = |t: f32| {
+        let (tp, fp) = (above(&pos, t), above(&neg, t));
+        Counts {
+            tp,
+            fp,
+            fn_: positives - tp,
+            tn: 0,
+        }
+        .f1()
+    };
     let mut best: Option<(f32, f64)> = None;
     for t in candidates {
         let f = f1_at(t);
@@ -158,30 +184,33 @@ pub fn best_threshold(scores: &[f32], truth: &[bool], current: f32) -> Option<(f
 }
 
 /// Parent relations implied by a taxonomy: `(child, parent)` label indices where every folder
-/// that sets the child also sets the parent (`picture_landmark` -> `picture`, ...).
+/// that sets the child also sets the parent (`picture_landmark` -> `picture`, ...), in label
+/// order. Each label's folders are a bit set, so this takes labels² × folders / 64 word
+/// operations, not a search of the folder lists per pair.
 pub fn implied_parents(taxonomy: &crate::data::taxonomy::Taxonomy) -> Vec<(usize, usize)> {
-    let labels = &taxonomy.labels;
+    let index: std::collections::HashMap<&str, usize> = taxonomy
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
+    let words = taxonomy.folders.len().div_ceil(64);
+    let mut folders_of = vec![vec![0u64; words]; taxonomy.labels.len()];
+    for (f, labels) in taxonomy.folders.values().enumerate() {
+        for l in labels.iter().filter_map(|l| index.get(l.as_str())) {
+            folders_of[*l][f / 64] |= 1 << (f % 64);
+        }
+    }
+    let subset = |a: &[u64], b: &[u64]| a.iter().zip(b).all(|(x, y)| x & !y == 0);
     let mut pairs = Vec::new();
-    for (c, child) in labels.iter().enumerate() {
-        let folders: Vec<&Vec<String>> = taxonomy
-            .folders
-            .values()
-            .filter(|ls| ls.contains(child))
-            .collect();
-        if folders.is_empty() {
+    for (c, child) in folders_of.iter().enumerate() {
+        if child.iter().all(|w| *w == 0) {
             continue;
         }
-        for (p, parent) in labels.iter().enumerate() {
-            if p != c && folders.iter().all(|ls| ls.contains(parent)) {
-                // Skip labels that always co-occur both ways (no hierarchy between them).
-                let reverse = taxonomy
-                    .folders
-                    .values()
-                    .filter(|ls| ls.contains(parent))
-                    .all(|ls| ls.contains(child));
-                if !reverse {
-                    pairs.push((c, p));
-                }
+        for (p, parent) in folders_of.iter().enumerate() {
+            // Skip labels that always co-occur both ways (no hierarchy between them).
+            if p != c && subset(child, parent) && !subset(parent, child) {
+                pairs.push((c, p));
             }
         }
     }
@@ -289,6 +318,88 @@ mod tests {
         assert!(!named.contains(&("picture_outdoor", "picture_landmark")));
         assert!(!named.iter().any(|(c, _)| *c == "graphic" || *c == "stamp"));
         assert_eq!(named.len(), 9);
+    }
+
+    #[test]
+    fn best_threshold_equals_a_full_count_at_every_candidate() {
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for round in 0..200 {
+            let n = 1 + round % 40;
+            // Coarse scores, so that ties and scores equal to `current` occur.
+            let scores: Vec<f32> = (0..n).map(|_| (next() * 8.0).floor() / 8.0).collect();
+            let truth: Vec<bool> = (0..n).map(|_| next() < 0.4).collect();
+            let current = (next() * 8.0).floor() / 8.0;
+            let targets: Vec<f32> = truth.iter().map(|&y| f32::from(u8::from(y))).collect();
+            let mut candidates = scores.clone();
+            candidates.extend([0.0, current]);
+            candidates.sort_by(f32::total_cmp);
+            candidates.dedup();
+            let mut expected: Option<(f32, f64)> = None;
+            for t in candidates {
+                let f = count(&scores, &targets, 1, &[t])[0].f1();
+                if expected.is_none_or(|(_, bf)| f > bf) {
+                    expected = Some((t, f));
+                }
+            }
+            if !truth.contains(&true) {
+                expected = None;
+            }
+            assert_eq!(
+                best_threshold(&scores, &truth, current),
+                expected,
+                "{scores:?} {truth:?}"
+            );
+        }
+    }
+
+    /// The definition, one folder search per pair.
+    fn implied_parents_by_search(t: &crate::data::taxonomy::Taxonomy) -> Vec<(usize, usize)> {
+        let sets =
+            |l: &String| -> Vec<bool> { t.folders.values().map(|ls| ls.contains(l)).collect() };
+        let mut pairs = Vec::new();
+        for (c, child) in t.labels.iter().enumerate() {
+            let sc = sets(child);
+            if !sc.contains(&true) {
+                continue;
+            }
+            for (p, parent) in t.labels.iter().enumerate() {
+                let sp = sets(parent);
+                let sub = |a: &[bool], b: &[bool]| a.iter().zip(b).all(|(x, y)| !x || *y);
+                if p != c && sub(&sc, &sp) && !sub(&sp, &sc) {
+                    pairs.push((c, p));
+                }
+            }
+        }
+        pairs
+    }
+
+    #[test]
+    fn implied_parents_match_the_definition_on_random_taxonomies() {
+        use crate::data::taxonomy::Taxonomy;
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize
+        };
+        for _ in 0..50 {
+            let labels: Vec<String> = (0..1 + next() % 12).map(|i| format!("l{i}")).collect();
+            let folders = (0..next() % 70)
+                .map(|f| {
+                    let ls = labels.iter().filter(|_| next() % 3 == 0).cloned().collect();
+                    (format!("f{f}"), ls)
+                })
+                .collect();
+            let t = Taxonomy { labels, folders };
+            assert_eq!(implied_parents(&t), implied_parents_by_search(&t));
+        }
     }
 
     #[test]

@@ -198,6 +198,7 @@ impl Thumbnails {
             .filter(|&k| row[k] > ev.thresholds[k])
             .map(|k| format!("{} {:.3}", page.labels[k], row[k]))
             .collect();
+        let (truth, predicted) = (capped(truth), capped(predicted));
         let shown = sample.path.strip_prefix(page.data).unwrap_or(&sample.path);
         let picture = match uri {
             Ok(uri) => {
@@ -219,11 +220,35 @@ impl Thumbnails {
     }
 }
 
+/// Most labels a figure's caption lists as true or predicted; the rest are counted.
+const CAPTION_LABELS: usize = 20;
+/// Most hierarchy violations (child, parent pairs) shown; `eval.json` lists them all.
+const VIOLATIONS_SHOWN: usize = 50;
+
+/// At most [`CAPTION_LABELS`] entries, then how many more there are.
+fn capped<S: ToString>(mut list: Vec<S>) -> Vec<String> {
+    let more = list.len().saturating_sub(CAPTION_LABELS);
+    list.truncate(CAPTION_LABELS);
+    let mut out: Vec<String> = list.iter().map(ToString::to_string).collect();
+    if more > 0 {
+        out.push(format!("and {more} more"));
+    }
+    out
+}
+
 fn violations(html: &mut String, ev: &Evaluation, page: &Page, thumbs: &mut Thumbnails) {
     *html += "<h2>Hierarchy violations</h2>";
     let n = page.labels.len();
     let mut any = false;
-    for &(child, parent) in page.hierarchy {
+    // The pairs eval counted any image for (the page's hierarchy is the report's, in order).
+    let counted = &ev.report.hierarchy_violations;
+    let violated = page
+        .hierarchy
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| counted.get(*k).is_none_or(|v| v.images > 0));
+    let total = counted.iter().filter(|v| v.images > 0).count();
+    for (_, &(child, parent)) in violated.take(VIOLATIONS_SHOWN) {
         let images: Vec<usize> = (0..ev.samples.len())
             .filter(|&i| {
                 let r = &ev.probs[i * n..(i + 1) * n];
@@ -248,6 +273,13 @@ fn violations(html: &mut String, ev: &Evaluation, page: &Page, thumbs: &mut Thum
     }
     if !any {
         *html += "<p>None: every child label was predicted with its parent.</p>";
+    }
+    if total > VIOLATIONS_SHOWN {
+        let _ = write!(
+            html,
+            "<p>{} more pairs with violations are listed in eval.json.</p>",
+            total - VIOLATIONS_SHOWN
+        );
     }
 }
 

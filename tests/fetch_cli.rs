@@ -661,3 +661,54 @@ fn stop_during_a_retry_wait(signal: &str) -> Option<i32> {
     assert!(stderr.contains("interrupted"), "{stderr}");
     output.status.code()
 }
+
+/// The records of a CSV file as Python's `csv` module reads them.
+fn python_csv(path: &Path) -> Vec<Vec<String>> {
+    let script = "import csv, json, sys\nwith open(sys.argv[1], newline='') as f:\n    print(json.dumps(list(csv.reader(f))))";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn server_strings_in_fetch_csv_are_quoted_and_neutralised() {
+    let hostile_tags = [
+        "=HYPERLINK(\"http://x\",\"y\")",
+        "@cmd,\"q\"\r\nx",
+        "hostile",
+    ];
+    let item = serde_json::json!({"id": "-2", "pid": "-3", "page": 1, "x": 1, "y": 2, "w": 3,
+        "h": 4, "graphictags": hostile_tags.map(|t| serde_json::json!({"tagname": t}))});
+    let server = serve(HashMap::from([("hostile".to_string(), vec![item])]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("data");
+    let args = ["--tag", "hostile", "--count", "1", "--size", "1"];
+    let (ok, stderr) = fetch(&server, &out, &args);
+    assert!(ok, "{stderr}");
+    assert_eq!(common::file_names(&out.join("hostile")), ["-2.jpg"]);
+    let rows = python_csv(&out.join("fetch.csv"));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        rows[0],
+        ["id", "pid", "page", "region", "tags", "url", "status"]
+    );
+    let row = &rows[1];
+    assert_eq!(row.len(), 7, "{row:?}");
+    assert_eq!((row[0].as_str(), row[1].as_str()), ("'-2", "'-3"));
+    assert_eq!(row[4], format!("'{}", hostile_tags.join(";")));
+    assert_eq!(row[6], "saved");
+    assert!(
+        rows.iter()
+            .flatten()
+            .all(|f| !f.starts_with(['=', '+', '-', '@', '\t', '\r'])),
+        "{rows:?}"
+    );
+}

@@ -1,7 +1,7 @@
 //! A training dataset: one folder per tag under a root (`datasetpdm/<tag>/<image>`), expanded to
 //! target vectors by a [`Taxonomy`], decoded once into a uint8 cache.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use tch::Tensor;
 
 use super::decode::load_resized;
-use super::taxonomy::Taxonomy;
+use super::taxonomy::{self, Taxonomy};
 use crate::progress;
 
 /// One image of the dataset.
@@ -39,18 +39,30 @@ pub fn tag_folders(root: &Path) -> Result<Vec<String>> {
     Ok(folders)
 }
 
-/// Reads a taxonomy file: `{"labels": [...], "folders": {"<folder>": ["<label>", ...]}}`.
+/// Reads a taxonomy file: `{"labels": [...], "folders": {"<folder>": ["<label>", ...]}}`, at most
+/// [`taxonomy::MAX_FILE_BYTES`], checked by [`Taxonomy::validate`]. Every error names the file.
 pub fn read_taxonomy(path: &Path) -> Result<Taxonomy> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read taxonomy {}", path.display()))?;
-    let t: Taxonomy = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: not a taxonomy (expected {{\"labels\": [...], \"folders\": {{...}}}})",
-            path.display()
+    use std::io::Read;
+    let shown = path.display();
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(taxonomy::MAX_FILE_BYTES + 1)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("cannot read taxonomy {shown}"))?;
+    if text.len() as u64 > taxonomy::MAX_FILE_BYTES {
+        bail!(
+            "{shown}: larger than any taxonomy (limit {} bytes)",
+            taxonomy::MAX_FILE_BYTES
+        );
+    }
+    let t: Taxonomy = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{shown}: not a taxonomy ({e}; expected {{\"labels\": [...], \"folders\": {{...}}}})"
         )
     })?;
-    t.validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    t.validate().map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
     Ok(t)
 }
 
@@ -78,12 +90,21 @@ fn check_folders(root: &Path, folders: &[String], taxonomy: &Taxonomy, hint: &st
         .map(String::as_str)
         .collect();
     if !unknown.is_empty() {
+        // At most 30 of each list: a taxonomy may have thousands of folders.
+        let listed = |names: Vec<&str>| -> String {
+            let more = names.len().saturating_sub(30);
+            let mut text = names[..names.len().min(30)].join(", ");
+            if more > 0 {
+                text += &format!(" and {more} more");
+            }
+            text
+        };
         let known: Vec<&str> = taxonomy.folders.keys().map(String::as_str).collect();
         bail!(
             "{}: unknown tag folder(s): {}. Known tags: {}. ({hint})",
             root.display(),
-            unknown.join(", "),
-            known.join(", ")
+            listed(unknown),
+            listed(known)
         );
     }
     Ok(())
@@ -137,10 +158,15 @@ impl ImageCache {
         size: usize,
         backing: Box<dyn std::any::Any + Send>,
     ) -> ImageCache {
-        let targets: Vec<f32> = kept
-            .iter()
-            .flat_map(|s| taxonomy.target(&s.folder).expect("folders were checked"))
-            .collect();
+        // One target vector per folder, copied for each of its images.
+        let mut per_folder: HashMap<&str, Vec<f32>> = HashMap::new();
+        let mut targets: Vec<f32> = Vec::with_capacity(kept.len() * taxonomy.labels.len());
+        for s in &kept {
+            let target = per_folder
+                .entry(s.folder.as_str())
+                .or_insert_with(|| taxonomy.target(&s.folder).expect("folders were checked"));
+            targets.extend_from_slice(target);
+        }
         let labels = taxonomy.labels.len() as i64;
         ImageCache {
             targets: Tensor::from_slice(&targets).view([kept.len() as i64, labels]),
@@ -291,6 +317,24 @@ mod tests {
         let err = open(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("unknown tag folder(s): cats, dogs"), "{err}");
         assert!(err.contains("Known tags: graphic_graph"), "{err}");
+    }
+
+    #[test]
+    fn long_folder_lists_are_cut_in_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::create_dir_all(dir.path().join(format!("u{i:02}"))).unwrap();
+        }
+        let taxonomy = Taxonomy {
+            labels: vec!["a".into()],
+            folders: (0..100).map(|i| (format!("k{i:03}"), vec![])).collect(),
+        };
+        let err = open_with(dir.path(), &taxonomy).unwrap_err().to_string();
+        assert!(
+            err.contains("u00, u01") && err.contains("u29 and 10 more."),
+            "{err}"
+        );
+        assert!(err.contains("k029 and 70 more."), "{err}");
     }
 
     #[test]

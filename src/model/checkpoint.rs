@@ -83,16 +83,10 @@ impl CheckpointMeta {
     /// Checks every field against sane ranges and the others; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         let labels = &self.taxonomy.labels;
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = labels.iter().find(|l| !seen.insert(l.as_str())) {
-            return Err(format!("taxonomy.labels lists '{dup}' twice"));
-        }
-        if let Some(bad) = labels.iter().find(|l| l.is_empty() || l.len() > 200) {
-            return Err(format!("taxonomy.labels holds a bad name '{bad}'"));
-        }
+        // The label rules of a taxonomy file: a checkpoint `fit` wrote is always readable.
         self.taxonomy
             .validate()
-            .map_err(|e| format!("taxonomy: {e}"))?;
+            .map_err(|e| format!("taxonomy.{e}"))?;
         if self.thresholds.len() != labels.len() {
             return Err(format!(
                 "thresholds has {} values for {} labels",
@@ -115,6 +109,24 @@ impl CheckpointMeta {
         }
         if let Some(b) = self.best_epoch.filter(|&b| b > self.epoch) {
             return Err(format!("best_epoch {b} is after epoch {}", self.epoch));
+        }
+        self.validate_history()
+    }
+
+    /// Every `history` row is what `fit` writes into `results.csv` (resume copies them there):
+    /// 8 + 4 per label fields, each empty or a number.
+    fn validate_history(&self) -> Result<(), String> {
+        let fields = 8 + 4 * self.taxonomy.labels.len();
+        for (i, row) in self.history.iter().enumerate() {
+            let numbers = row
+                .split(',')
+                .all(|f| f.is_empty() || f.parse::<f64>().is_ok());
+            if !numbers || row.split(',').count() != fields {
+                return Err(format!(
+                    "history row {} is not a results.csv row ({fields} numbers or empty fields)",
+                    i + 1
+                ));
+            }
         }
         Ok(())
     }

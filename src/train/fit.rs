@@ -15,11 +15,12 @@ use super::adam::Adam;
 use super::amp::{self, Precision};
 use super::recipe::{self, PosWeight, RecipeSettings};
 use super::shadow::{self, Shadow};
+use crate::csvfile;
 use crate::data::augment::{self, Augment};
 use crate::data::dataset;
 use crate::data::split::split_indices;
 use crate::data::taxonomy::Taxonomy;
-use crate::fsutil::{csv_opt, write_atomic};
+use crate::fsutil::write_atomic;
 use crate::metrics::{self, Counts};
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
 use crate::model::efficientnet::{Tagger, TaggerConfig};
@@ -181,7 +182,8 @@ fn csv_header(labels: &[String]) -> String {
             cols.push(format!("{m}/{l}"));
         }
     }
-    cols.join(",")
+    // Each column begins with its metric's name, so a label never starts a field.
+    csvfile::record(cols)
 }
 
 /// The rows to keep on resume: the checkpoint's own history (every epoch up to it), or, for a
@@ -191,15 +193,16 @@ fn resumed_rows(previous: &Checkpoint, csv_path: &Path) -> Vec<String> {
         return previous.meta.history.clone();
     }
     let text = std::fs::read_to_string(csv_path).unwrap_or_default();
-    text.lines()
+    let records = csvfile::read_records(&text, &csv_path.display().to_string()).unwrap_or_default();
+    records
+        .iter()
         .skip(1)
-        .filter(|line| {
-            line.split(',')
-                .next()
+        .filter(|r| {
+            r.get(0)
                 .and_then(|e| e.parse::<usize>().ok())
                 .is_some_and(|e| e <= previous.meta.epoch)
         })
-        .map(String::from)
+        .map(csvfile::record)
         .collect()
 }
 
@@ -1232,9 +1235,9 @@ fn results_row(
     let mut row = vec![
         epoch.to_string(),
         format!("{train_loss:.6}"),
-        csv_opt(validation.map(|v| v.loss)),
-        csv_opt(validation.map(|v| metrics::micro_f1(&v.counts))),
-        csv_opt(validation.and_then(|v| metrics::macro_f1(&v.counts))),
+        csvfile::opt(validation.map(|v| v.loss)),
+        csvfile::opt(validation.map(|v| metrics::micro_f1(&v.counts))),
+        csvfile::opt(validation.and_then(|v| metrics::macro_f1(&v.counts))),
         format!("{lr}"),
         format!("{epoch_time:.3}"),
         format!("{images_per_s:.2}"),
@@ -1253,7 +1256,7 @@ fn results_row(
             None => row.extend(std::iter::repeat_n(String::new(), 4)),
         }
     }
-    row.join(",")
+    csvfile::record(row)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1299,15 +1302,17 @@ fn print_epoch(
 /// `results.png` from `results.csv`: losses, micro/macro F1 and per-label F1 over epochs.
 pub fn draw_results(csv: &Path, png: &Path, labels: &[String]) -> Result<()> {
     let text = std::fs::read_to_string(csv)?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let records = csvfile::read_records(&text, &csv.display().to_string())?;
+    let empty = csv::StringRecord::new();
+    let (header, rows) = records.split_first().unwrap_or((&empty, &[]));
+    let columns: std::collections::HashMap<&str, usize> =
+        header.iter().enumerate().map(|(i, h)| (h, i)).collect();
     let series = |name: &str, title: &str| -> crate::plots::Series {
-        let col = header.iter().position(|h| *h == name);
+        let col = columns.get(name).copied();
         let points = rows
             .iter()
             .filter_map(|r| {
-                let x: f64 = r.first()?.parse().ok()?;
+                let x: f64 = r.get(0)?.parse().ok()?;
                 let y: f64 = r.get(col?)?.parse().ok()?;
                 Some((x, y))
             })
