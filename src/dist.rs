@@ -391,6 +391,39 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&g).unwrap(), [4.0, 4.0]);
     }
 
+    /// The local addresses (hex, as /proc/net/tcp writes them) listening on `port`.
+    fn listening_on(port: u16) -> Vec<String> {
+        let port = format!(":{port:04X}");
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && f[3] == "0A" && f[1].ends_with(&port)).then(|| f[1].to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_local_rendezvous_listens_on_loopback_only() {
+        let port = free_port().unwrap();
+        let job = Job {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            local_world: 1,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        };
+        let group = Group::join(&job, 30, false).unwrap();
+        let addrs = listening_on(port);
+        let loopback = format!("0100007F:{port:04X}");
+        assert!(!addrs.is_empty(), "nothing listens on {port}");
+        assert!(addrs.iter().all(|a| *a == loopback), "{addrs:?}");
+        drop(group);
+    }
+
     #[test]
     fn wrong_variables_are_named() {
         let err = |vars: &[(&str, &str)]| Job::from_env(env(vars)).unwrap_err().to_string();
