@@ -102,6 +102,22 @@ fn create_new(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Takes `file`'s lock for its writer. On a filesystem without locks the temporary stays
+/// unlocked, and a clean-up, unable to test it, leaves it alone.
+fn lock_for_writer(file: &File) -> std::io::Result<()> {
+    match file.lock() {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOLCK | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// A temporary file being written, removed unless it was moved into place; `lock` is the
 /// companion a writer by path holds instead of a lock on the temporary itself.
 struct Temporary {
@@ -137,7 +153,7 @@ impl Temporary {
             // A clean-up that took the lock in the instant between creating and locking may
             // have removed the file: then another name.
             if let Some((p, f)) = &lock {
-                f.lock().with_context(cannot)?;
+                lock_for_writer(f).with_context(cannot)?;
                 if !same_file(p, f) {
                     continue;
                 }
@@ -145,7 +161,7 @@ impl Temporary {
             match create_new(&path) {
                 Ok(file) => {
                     if lock.is_none() {
-                        file.lock().with_context(cannot)?;
+                        lock_for_writer(&file).with_context(cannot)?;
                         if !same_file(&path, &file) {
                             continue;
                         }
@@ -288,7 +304,8 @@ fn same_file(path: &Path, file: &File) -> bool {
     }
 }
 
-/// Takes `file`'s lock if nobody holds it: its writer is gone.
+/// Takes `file`'s lock if nobody holds it: its writer is gone. (Where the filesystem has no
+/// locks, nothing can be told, and nothing is removed.)
 fn abandoned(file: &File) -> bool {
     file.try_lock().is_ok()
 }

@@ -47,8 +47,9 @@ struct Description {
     sha256: String,
 }
 
-/// The key of a dataset's decoded images.
-fn key(samples: &[Sample], size: usize) -> String {
+/// The key of a dataset's decoded images: its files in the cache folder are `<key>.pixels`,
+/// `<key>.json` and `<key>.lock`.
+pub fn key(samples: &[Sample], size: usize) -> String {
     let mut h = Sha256::new();
     h.update(format!(
         "trainer images v{PREPROCESSING_VERSION} size {size}\n"
