@@ -157,8 +157,9 @@ pub struct Group {
 }
 
 impl Group {
-    /// Joins the job (rank 0 serves the rendezvous at MASTER_ADDR:MASTER_PORT); waits up to
-    /// `timeout_s` for the others, and as long in every collective afterwards.
+    /// Joins the job (rank 0 serves the rendezvous at MASTER_ADDR:MASTER_PORT, listening only
+    /// on that address where it is this machine's: loopback alone for a job on one machine);
+    /// waits up to `timeout_s` for the others, and as long in every collective afterwards.
     #[cfg(trainer_dist)]
     pub fn join(job: &Job, timeout_s: u32, cuda: bool) -> Result<Group> {
         let host = CString::new(job.master_addr.clone()).context("MASTER_ADDR")?;

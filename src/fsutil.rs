@@ -67,7 +67,8 @@ pub fn open_lock_file(path: &Path) -> Result<File> {
                 "the lock file {} is a symbolic link; remove it (this program never follows one)",
                 path.display()
             ),
-            _ => anyhow::Error::new(e).context(format!("cannot open the lock file {}", path.display())),
+            _ => anyhow::Error::new(e)
+                .context(format!("cannot open the lock file {}", path.display())),
         })?;
     let meta = file
         .metadata()
@@ -513,7 +514,14 @@ mod tests {
             temp_name(".w.hdf5.abcDEF1234.tmp.lock"),
             Some(TempName::Lock { dest: "w.hdf5" })
         );
-        for other in ["notes.tmp", ".tmp", ".x.tmp", ".x.ab-cd!.tmp", ".lock", "x.abcdef.tmp"] {
+        for other in [
+            "notes.tmp",
+            ".tmp",
+            ".x.tmp",
+            ".x.ab-cd!.tmp",
+            ".lock",
+            "x.abcdef.tmp",
+        ] {
             assert_eq!(temp_name(other), None, "{other}");
         }
     }
@@ -527,7 +535,10 @@ mod tests {
         std::fs::create_dir(&run).unwrap();
         std::os::unix::fs::symlink(&victim, run.join(".lock")).unwrap();
         let err = format!("{:#}", lock_dir(&run, "trainer fit").err().unwrap());
-        assert!(err.contains("symbolic link") && err.contains(".lock"), "{err}");
+        assert!(
+            err.contains("symbolic link") && err.contains(".lock"),
+            "{err}"
+        );
         // A second name of the user's file (a hard link) is refused too.
         std::fs::remove_file(run.join(".lock")).unwrap();
         std::fs::hard_link(&victim, run.join(".lock")).unwrap();
@@ -576,7 +587,10 @@ mod tests {
         let holder = File::open(&live).unwrap();
         holder.lock().unwrap();
         assert_eq!(remove_stale_temporaries(dir.path(), Duration::ZERO), 1);
-        assert_eq!(names(dir.path()), [".other.json.Zz98Yy76Xx.tmp", "out.json"]);
+        assert_eq!(
+            names(dir.path()),
+            [".other.json.Zz98Yy76Xx.tmp", "out.json"]
+        );
         drop(holder);
         assert_eq!(remove_stale_temporaries(dir.path(), Duration::ZERO), 1);
         assert_eq!(names(dir.path()), ["out.json"]);
@@ -617,7 +631,10 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &link).unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join(".x.Ab12Cd34Ef.tmp.lock")).unwrap();
         assert_eq!(remove_stale_temporaries(dir.path(), Duration::ZERO), 0);
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 

@@ -28,7 +28,12 @@ fn assert_untouched(victims: &[&Path]) {
     for v in victims {
         let name = v.file_name().unwrap().to_string_lossy();
         let text = std::fs::read_to_string(v).unwrap_or_else(|e| panic!("{}: {e}", v.display()));
-        assert_eq!(text, format!("the user's own {name}\n"), "{} changed", v.display());
+        assert_eq!(
+            text,
+            format!("the user's own {name}\n"),
+            "{} changed",
+            v.display()
+        );
     }
 }
 
@@ -126,13 +131,19 @@ fn writer(dest: &Path, hdf5: bool) -> Child {
     }
     let mut child = cmd.spawn().unwrap();
     let out = BufReader::new(child.stdout.take().unwrap());
-    for line in out.lines() {
-        // libtest prints "test child_writer ... " before the test's own output.
-        if line.unwrap().trim_end().ends_with("writing") {
-            return child;
-        }
+    // libtest prints "test child_writer ... " before the test's own output.
+    let started = out
+        .lines()
+        .any(|l| l.is_ok_and(|l| l.trim_end().ends_with("writing")));
+    if !started {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the child writer of {} ended before writing",
+            dest.display()
+        );
     }
-    panic!("the child writer of {} ended before writing", dest.display());
+    child
 }
 
 /// Kills a writer the way `kill -9` does: nothing of it runs after.
@@ -170,7 +181,10 @@ fn the_image_cache_is_private_and_follows_no_planted_link() {
     // A link as the entry's lock: refused with its name, its target untouched.
     link(&victims[0], &cache.join(format!("{key}.lock")));
     let err = format!("{:#}", load(&cache).err().expect("a linked lock was used"));
-    assert!(err.contains(&format!("{key}.lock")) && err.contains("symbolic link"), "{err}");
+    assert!(
+        err.contains(&format!("{key}.lock")) && err.contains("symbolic link"),
+        "{err}"
+    );
     // A dangling one creates nothing where it points.
     std::fs::remove_file(cache.join(format!("{key}.lock"))).unwrap();
     let nowhere = tmp.path().join("created-through-a-link");
@@ -185,7 +199,10 @@ fn the_image_cache_is_private_and_follows_no_planted_link() {
     assert!(!how.reused);
     for ext in ["json", "pixels", "lock"] {
         let meta = std::fs::symlink_metadata(cache.join(format!("{key}.{ext}"))).unwrap();
-        assert!(meta.file_type().is_file(), "{key}.{ext} is not a plain file");
+        assert!(
+            meta.file_type().is_file(),
+            "{key}.{ext} is not a plain file"
+        );
     }
     assert!(load(&cache).unwrap().reused);
     let refs: Vec<&Path> = victims.iter().map(PathBuf::as_path).collect();
@@ -250,7 +267,10 @@ fn cache_clean_up_removes_only_month_old_entries_the_cache_wrote() {
         assert!(left.contains(name), "{name} was removed: {left:?}");
     }
     for ext in ["json", "pixels", "lock"] {
-        assert!(!left.contains(&format!("{own}.{ext}")), "{own}.{ext} kept: {left:?}");
+        assert!(
+            !left.contains(&format!("{own}.{ext}")),
+            "{own}.{ext} kept: {left:?}"
+        );
     }
     assert!(!left.contains(&own_tmp), "{left:?}");
     assert!(is_link(&linked));
@@ -266,7 +286,15 @@ fn cache_clean_up_removes_only_month_old_entries_the_cache_wrote() {
 fn fit(dir: &Path, cache: &Path, more: &[&str]) -> Output {
     common::trainer()
         .current_dir(dir)
-        .args(["fit", "--device", "cpu", "--image-size", "32", "--batch-size", "16"])
+        .args([
+            "fit",
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+        ])
         .arg("--data")
         .arg(data())
         .arg("--cache-dir")
@@ -305,7 +333,10 @@ fn fit_follows_no_planted_link_and_clears_only_dead_writers_temporaries() {
 
     // The run's own files and a link named like a temporary; the weights folder with the
     // temporaries of two killed writers and of two live ones (HDF5 and plain).
-    for (v, name) in victims[2..].iter().zip(["results.csv", "settings.json", "val.txt"]) {
+    for (v, name) in victims[2..]
+        .iter()
+        .zip(["results.csv", "settings.json", "val.txt"])
+    {
         link(v, &run.join(name));
     }
     let weights = dir.join("w");
@@ -346,7 +377,12 @@ fn infer_clears_a_killed_writers_temporary_and_keeps_a_live_ones() {
     let input = tmp.path().join("in/book");
     std::fs::create_dir_all(&input).unwrap();
     let stamp = data().join("stamp");
-    let first = std::fs::read_dir(&stamp).unwrap().next().unwrap().unwrap().path();
+    let first = std::fs::read_dir(&stamp)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     std::fs::copy(&first, input.join(first.file_name().unwrap())).unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
@@ -400,10 +436,27 @@ fn a_two_rank_jobs_rendezvous_listens_on_loopback_only() {
     let tmp = tempfile::tempdir().unwrap();
     let mut job = common::trainer()
         .current_dir(tmp.path())
-        .args(["fit", "--device", "cpu", "--image-size", "32", "--batch-size", "16"])
+        .args([
+            "fit",
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+        ])
         .arg("--data")
         .arg(data())
-        .args(["--epochs", "1", "--run", "r", "--weights-dir", "w", "--cache-dir", "none"])
+        .args([
+            "--epochs",
+            "1",
+            "--run",
+            "r",
+            "--weights-dir",
+            "w",
+            "--cache-dir",
+            "none",
+        ])
         .args(["--nproc-per-node", "2"])
         .stderr(Stdio::piped())
         .spawn()
@@ -428,8 +481,15 @@ fn a_two_rank_jobs_rendezvous_listens_on_loopback_only() {
     let status = job.wait().unwrap();
     let text = reader.join().unwrap().join("\n");
     assert!(status.success(), "{text}");
-    assert!(!seen.is_empty(), "the store's port {port} was never seen listening");
+    assert!(
+        !seen.is_empty(),
+        "the store's port {port} was never seen listening"
+    );
     let loopback = format!("0100007F:{port:04X}");
     assert!(seen.iter().all(|a| *a == loopback), "listening on {seen:?}");
-    assert_ne!(refused, Some(false), "the store answered on a non-loopback address");
+    assert_ne!(
+        refused,
+        Some(false),
+        "the store answered on a non-loopback address"
+    );
 }
