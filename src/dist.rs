@@ -426,6 +426,35 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_node_rendezvous_listens_on_master_addr_only() {
+        // This machine's address toward other hosts, if it has one besides loopback.
+        let Some(ip) = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+            .and_then(|s| s.local_addr())
+            .ok()
+            .and_then(|a| match a.ip() {
+                std::net::IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => Some(v4),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        let port = free_port().unwrap();
+        let job = Job {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            local_world: 1,
+            master_addr: ip.to_string(),
+            master_port: port,
+        };
+        let group = Group::join(&job, 30, false).unwrap();
+        let hex = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip.octets()));
+        assert_eq!(listening_on(port), [hex]);
+        drop(group);
+    }
+
+    #[test]
     fn wrong_variables_are_named() {
         let err = |vars: &[(&str, &str)]| Job::from_env(env(vars)).unwrap_err().to_string();
         assert!(err(&[("WORLD_SIZE", "2")]).contains("RANK"));
