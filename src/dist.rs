@@ -157,8 +157,9 @@ pub struct Group {
 }
 
 impl Group {
-    /// Joins the job (rank 0 serves the rendezvous at MASTER_ADDR:MASTER_PORT); waits up to
-    /// `timeout_s` for the others, and as long in every collective afterwards.
+    /// Joins the job (rank 0 serves the rendezvous at MASTER_ADDR:MASTER_PORT, listening only
+    /// on that address where it is this machine's: loopback alone for a job on one machine);
+    /// waits up to `timeout_s` for the others, and as long in every collective afterwards.
     #[cfg(trainer_dist)]
     pub fn join(job: &Job, timeout_s: u32, cuda: bool) -> Result<Group> {
         let host = CString::new(job.master_addr.clone()).context("MASTER_ADDR")?;
@@ -389,6 +390,68 @@ mod tests {
         // d(sum)/d(bias) = 4 per output, averaged over one rank.
         let g = vs.variables()["l.bias"].grad();
         assert_eq!(Vec::<f32>::try_from(&g).unwrap(), [4.0, 4.0]);
+    }
+
+    /// The local addresses (hex, as /proc/net/tcp writes them) listening on `port`.
+    fn listening_on(port: u16) -> Vec<String> {
+        let port = format!(":{port:04X}");
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && f[3] == "0A" && f[1].ends_with(&port)).then(|| f[1].to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_local_rendezvous_listens_on_loopback_only() {
+        let port = free_port().unwrap();
+        let job = Job {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            local_world: 1,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        };
+        let group = Group::join(&job, 30, false).unwrap();
+        let addrs = listening_on(port);
+        let loopback = format!("0100007F:{port:04X}");
+        assert!(!addrs.is_empty(), "nothing listens on {port}");
+        assert!(addrs.iter().all(|a| *a == loopback), "{addrs:?}");
+        drop(group);
+    }
+
+    #[test]
+    fn a_multi_node_rendezvous_listens_on_master_addr_only() {
+        // This machine's address toward other hosts, if it has one besides loopback.
+        let Some(ip) = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+            .and_then(|s| s.local_addr())
+            .ok()
+            .and_then(|a| match a.ip() {
+                std::net::IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => Some(v4),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        let port = free_port().unwrap();
+        let job = Job {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            local_world: 1,
+            master_addr: ip.to_string(),
+            master_port: port,
+        };
+        let group = Group::join(&job, 30, false).unwrap();
+        let hex = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip.octets()));
+        assert_eq!(listening_on(port), [hex]);
+        drop(group);
     }
 
     #[test]

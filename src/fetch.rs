@@ -650,12 +650,12 @@ fn check_base(url: &str, what: &str) -> Result<()> {
     }
 }
 
-/// Clears what a killed fetch left half-written in the label folders (older than 10 minutes, so a
-/// fetch running beside this one keeps its own).
+/// Clears what a killed fetch left half-written in the label folders (a fetch running beside
+/// this one keeps its own: their temporaries are locked while written).
 fn remove_stale_downloads(out: &Path) {
     if let Ok(dirs) = std::fs::read_dir(out) {
         for d in dirs.flatten().filter(|d| d.path().is_dir()) {
-            crate::fsutil::remove_stale_temporaries(&d.path(), Duration::from_secs(600));
+            crate::fsutil::remove_stale_temporaries(&d.path(), Duration::ZERO);
         }
     }
 }

@@ -330,8 +330,8 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     }
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("cannot create output folder {}", opts.output.display()))?;
-    // What a killed run left half-written (a running one writes each file in well under this).
-    crate::fsutil::remove_stale_temporaries(&opts.output, std::time::Duration::from_secs(600));
+    // What a killed run left half-written (a running one's temporaries stay: they are locked).
+    crate::fsutil::remove_stale_temporaries(&opts.output, std::time::Duration::ZERO);
     let mut summary = InferSummary::default();
     let (mut todo, done): (Vec<Folder>, Vec<Folder>) = folders
         .into_iter()

@@ -3,9 +3,15 @@
 //! of every image's path, size and modification time, the input size and the preprocessing
 //! version, so a changed dataset gets a new one; a file whose length or SHA-256 does not match
 //! its description is rebuilt. Datasets larger than memory train from the page cache.
+//!
+//! The folder is made private (0700). Nothing in it is opened through a symbolic link or unless
+//! it is a plain file of this user, and clean-up removes only what the cache wrote: `<key>.json`
+//! descriptions carrying [`FORMAT`], the `<key>.pixels` and `<key>.lock` beside them, and the
+//! temporaries of such names whose writer is gone.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -21,10 +27,15 @@ use super::taxonomy::Taxonomy;
 pub const PREPROCESSING_VERSION: u32 = 1;
 /// Entries not used for this long are removed when a new one is written.
 const UNUSED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The first field of every description: what tells the cache's own files from others.
+pub const FORMAT: &str = "trainer decoded-image cache";
+/// The largest description read (its lists hold one entry per sample).
+const DESCRIPTION_MAX: u64 = 512 << 20;
 
 /// What `<key>.json` says of `<key>.pixels`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Description {
+    format: String,
     preprocessing_version: u32,
     size: usize,
     samples: usize,
@@ -36,8 +47,9 @@ struct Description {
     sha256: String,
 }
 
-/// The key of a dataset's decoded images.
-fn key(samples: &[Sample], size: usize) -> String {
+/// The key of a dataset's decoded images: its files in the cache folder are `<key>.pixels`,
+/// `<key>.json` and `<key>.lock`.
+pub fn key(samples: &[Sample], size: usize) -> String {
     let mut h = Sha256::new();
     h.update(format!(
         "trainer images v{PREPROCESSING_VERSION} size {size}\n"
@@ -60,8 +72,7 @@ fn key(samples: &[Sample], size: usize) -> String {
     format!("{:x}", h.finalize())
 }
 
-fn sha256_of(path: &Path) -> Result<String> {
-    let mut f = File::open(path)?;
+fn sha256_of(mut f: &File) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -92,21 +103,26 @@ pub fn load(
     size: usize,
 ) -> Result<(ImageCache, Provenance)> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .with_context(|| format!("cannot create the image cache folder {}", dir.display()))?;
     let key = key(&samples, size);
     let (pixels_path, json_path) = (
         dir.join(format!("{key}.pixels")),
         dir.join(format!("{key}.json")),
     );
-    let lock = File::create(dir.join(format!("{key}.lock")))
-        .with_context(|| format!("cannot write in the image cache folder {}", dir.display()))?;
+    let lock = crate::fsutil::open_lock_file(&dir.join(format!("{key}.lock")))?;
     lock.lock()
         .with_context(|| format!("cannot lock {}", dir.display()))?;
+    crate::fsutil::remove_stale_temporaries_of(dir, Duration::ZERO, |dest| {
+        entry_key(dest).is_some()
+    });
     let reused = match check(&json_path, &pixels_path, samples.len(), size) {
         Ok(desc) => Some(desc),
         Err(e) => {
-            if json_path.exists() {
+            if std::fs::symlink_metadata(&json_path).is_ok() {
                 eprintln!("image cache {}: {e:#}; decoding again", json_path.display());
             }
             None
@@ -122,9 +138,7 @@ pub fn load(
         eprintln!("skipped {reason}");
     }
     super::dataset::check_every_folder_kept(root, &samples, &desc.kept)?;
-    let _ = File::options()
-        .append(true)
-        .open(&json_path)
+    let _ = crate::fsutil::open_own_file(&json_path)
         .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     let cache = map(&pixels_path, &desc, samples, taxonomy, size)?;
     Ok((
@@ -137,10 +151,30 @@ pub fn load(
     ))
 }
 
+/// `<key>` of a cache file's name `<key>.pixels` or `<key>.json` (a key is 64 hex digits).
+fn entry_key(name: &str) -> Option<&str> {
+    let (key, ext) = name.rsplit_once('.')?;
+    let hex = key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (hex && matches!(ext, "pixels" | "json")).then_some(key)
+}
+
+/// A description the cache wrote (of this format), read without following a link.
+fn read_description(json: &Path) -> Result<Description> {
+    let file = crate::fsutil::open_own_file(json).context("no description of this cache")?;
+    let mut text = String::new();
+    file.take(DESCRIPTION_MAX)
+        .read_to_string(&mut text)
+        .context("unreadable description")?;
+    let desc: Description = serde_json::from_str(&text).context("unreadable description")?;
+    if desc.format != FORMAT {
+        bail!("not a description of this cache");
+    }
+    Ok(desc)
+}
+
 /// The description, when it and the pixel file are whole and belong to this dataset.
 fn check(json: &Path, pixels: &Path, samples: usize, size: usize) -> Result<Description> {
-    let text = std::fs::read_to_string(json).context("no description")?;
-    let desc: Description = serde_json::from_str(&text).context("unreadable description")?;
+    let desc = read_description(json)?;
     let expected = (desc.kept.len() * size * size * 3) as u64;
     let indices_ok = desc.kept.windows(2).all(|w| w[0] < w[1])
         && desc
@@ -156,11 +190,12 @@ fn check(json: &Path, pixels: &Path, samples: usize, size: usize) -> Result<Desc
     {
         bail!("its description does not match this dataset");
     }
-    let len = std::fs::metadata(pixels).context("no pixel file")?.len();
+    let file = crate::fsutil::open_own_file(pixels).context("no pixel file of this cache")?;
+    let len = file.metadata().context("no pixel file")?.len();
     if len != desc.bytes {
         bail!("the pixel file has {len} bytes, not {}", desc.bytes);
     }
-    if sha256_of(pixels)? != desc.sha256 {
+    if sha256_of(&file)? != desc.sha256 {
         bail!("the pixel file's SHA-256 does not match (damaged)");
     }
     Ok(desc)
@@ -183,6 +218,7 @@ fn build(
     let mut h = Sha256::new();
     h.update(&pixels);
     let desc = Description {
+        format: FORMAT.into(),
         preprocessing_version: PREPROCESSING_VERSION,
         size,
         samples: samples.len(),
@@ -191,13 +227,7 @@ fn build(
         bytes: pixels.len() as u64,
         sha256: format!("{:x}", h.finalize()),
     };
-    let write = |name: String, bytes: &[u8]| -> Result<()> {
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(bytes)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(dir.join(name))?;
-        Ok(())
-    };
+    let write = |name: String, bytes: &[u8]| crate::fsutil::write_atomic(&dir.join(name), bytes);
     write(format!("{key}.pixels"), &pixels)
         .and_then(|_| {
             write(
@@ -210,23 +240,40 @@ fn build(
     Ok(desc)
 }
 
-/// Removes the entries (pixels, description, lock) whose description was not used for a month.
+/// Removes the entries (pixels, description, lock) whose description was not used for a month:
+/// only descriptions this cache wrote, and only plain files of this user beside them.
 fn remove_unused(dir: &Path, keep: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    let own = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.file_type().is_file() && m.uid() == crate::fsutil::euid())
+    };
     for entry in entries.flatten() {
         let path = entry.path();
-        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+        let Some(name) = path.file_name().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let Some(key) = entry_key(name).filter(|_| name.ends_with(".json")) else {
             continue;
         };
         let old = entry
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().unwrap_or_default() > UNUSED_FOR);
-        if path.extension().is_some_and(|e| e == "json") && stem != keep && old {
-            for ext in ["pixels", "json", "lock"] {
-                let _ = std::fs::remove_file(dir.join(format!("{stem}.{ext}")));
+        if key == keep || !old || read_description(&path).is_err() {
+            continue;
+        }
+        // Not while another process holds the entry's lock (it is reading or writing it).
+        let lock_path = dir.join(format!("{key}.lock"));
+        let lock = crate::fsutil::open_own_file(&lock_path).ok();
+        if lock.as_ref().is_some_and(|l| l.try_lock().is_err()) {
+            continue;
+        }
+        for p in [dir.join(format!("{key}.pixels")), lock_path, path] {
+            if own(&p) {
+                let _ = std::fs::remove_file(&p);
             }
         }
     }
@@ -240,7 +287,8 @@ fn map(
     taxonomy: &Taxonomy,
     size: usize,
 ) -> Result<ImageCache> {
-    let file = File::open(pixels).with_context(|| format!("cannot open {}", pixels.display()))?;
+    let file = crate::fsutil::open_own_file(pixels)
+        .with_context(|| format!("cannot open {}", pixels.display()))?;
     let kept: Vec<Sample> = desc.kept.iter().map(|&i| samples[i].clone()).collect();
     let n = kept.len() as i64;
     let s = size as i64;

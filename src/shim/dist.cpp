@@ -13,10 +13,18 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -36,6 +44,58 @@ struct Group {
 
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+bool is_loopback_addr(const sockaddr* a) {
+  if (a->sa_family == AF_INET) {
+    auto v4 = reinterpret_cast<const sockaddr_in*>(a);
+    return (ntohl(v4->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (a->sa_family == AF_INET6) {
+    return IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<const sockaddr_in6*>(a)->sin6_addr);
+  }
+  return false;
+}
+
+// A socket bound to one of `host`'s addresses at `port` and listening, for rank 0's store to
+// take over (TCPStoreOptions::masterListenFd; c10d itself would listen on every interface): the
+// store is reachable only where MASTER_ADDR says, loopback alone for a job on this machine.
+// -1 when `host` (not a loopback name) names no address of this machine, or names one only
+// through loopback (a host name that /etc/hosts maps to 127.0.1.1): c10d's own choice then, as
+// torchrun's. A loopback host that cannot be bound is an error.
+int listen_on(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string service = std::to_string(port);
+  const bool local = is_loopback(host);
+  if (getaddrinfo(host.c_str(), service.c_str(), &hints, &found) != 0 || found == nullptr) {
+    if (local) throw std::runtime_error("cannot resolve " + host);
+    return -1;
+  }
+  int fd = -1;
+  int error = 0;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    if (is_loopback_addr(a->ai_addr) != local) continue;
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (a->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, SOMAXCONN) != 0) {
+      error = errno;
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0 && local) {
+    throw std::runtime_error("cannot listen on " + host + ":" + service + " for the rendezvous: " +
+                             std::strerror(error));
+  }
+  return fd;
 }
 
 // One tensor per collective, contiguous, as Gloo wants; waits for completion.
@@ -61,7 +121,8 @@ int trainer_dist_has_nccl() {
 #endif
 }
 
-// Joins the job: the TCPStore at host:port (served by rank 0), then a Gloo process group of
+// Joins the job: the TCPStore at host:port (served by rank 0, listening only on host's address
+// where it is one of this machine's: see listen_on), then a Gloo process group of
 // `world` ranks, with NCCL for CUDA tensors when `cuda` is set and this build has it. `iface` (GLOO_SOCKET_IFNAME) picks the network interface; otherwise loopback for
 // a local job, the host's own address for a multi-node one. Returns null with `err` on failure.
 void* trainer_dist_init(const char* host, int port, int rank, int world, int timeout_s,
@@ -74,6 +135,10 @@ void* trainer_dist_init(const char* host, int port, int rank, int world, int tim
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = true;
     opts.timeout = timeout;
+    if (opts.isServer) {
+      const int fd = listen_on(std::string(host), port);
+      if (fd >= 0) opts.masterListenFd = fd;
+    }
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     const std::string h(host);

@@ -672,8 +672,8 @@ fn prepare_run_dir(
             serde_json::to_string_pretty(settings)?.as_bytes(),
         )?;
     }
-    let stale = std::time::Duration::from_secs(600);
-    crate::fsutil::remove_stale_temporaries(&settings.weights_dir, stale);
+    // What a killed writer left half-written (another job's live temporaries stay: locked).
+    crate::fsutil::remove_stale_temporaries(&settings.weights_dir, std::time::Duration::ZERO);
     Ok(lock)
 }
 
