@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -390,11 +391,18 @@ impl Log {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         let path = out.join("fetch.csv");
         let new = !path.exists();
+        // A symbolic link planted in its place is never followed (another file would grow).
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot open {} (a symbolic link there is refused)",
+                    path.display()
+                )
+            })?;
         if new {
             writeln!(f, "id,pid,page,region,tags,url,status")?;
         }
