@@ -1,7 +1,6 @@
 //! `trainer eval`: per-label metrics of a model on a labelled dataset, per-label threshold
 //! calibration, pictures and a review list of the images most worth a curator's look.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -9,6 +8,7 @@ use serde::Serialize;
 
 use crate::csvfile::{self, outside};
 use crate::data::dataset::{self, ImageCache};
+use crate::data::split;
 use crate::fsutil::write_atomic;
 use crate::metrics::{self, Counts};
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
@@ -309,19 +309,9 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
     let n_labels = labels.len();
     let mut samples = dataset::open_with(&opts.data, &model.taxonomy)?;
     if let Some(run) = &opts.split {
-        let list = run.join(crate::train::fit::VAL_LIST);
-        let text = std::fs::read_to_string(&list)
-            .with_context(|| format!("cannot read {}", list.display()))?;
-        let wanted: HashSet<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-        samples.retain(|s| {
-            wanted.contains(
-                s.path
-                    .strip_prefix(&opts.data)
-                    .unwrap_or(&s.path)
-                    .to_string_lossy()
-                    .as_ref(),
-            )
-        });
+        let list = run.join(split::VAL_LIST);
+        let wanted = split::read_val_list(&list)?;
+        samples.retain(|s| wanted.contains(&split::val_list_entry(&opts.data, &s.path)));
         if samples.is_empty() {
             bail!(
                 "none of the validation images of {} is in {}",

@@ -480,6 +480,19 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
     for label in &labels {
         assert!(tags.contains(label), "{label} not in {json}");
     }
+
+    // val.txt holds one line per validation image, the names with CR and LF included, and
+    // eval --split finds every one of them.
+    let val = std::fs::read_to_string(d.join("runs/w/val.txt")).unwrap();
+    assert!(val.contains("c.jpg") && val.contains("\\r\\nc.jpg"), "{val}");
+    let split = [
+        "eval", "--device", "cpu", "--weights", "runs/w/last.ckpt", "--data", "=data", "--output",
+        "sp", "--split", "runs/w",
+    ];
+    ok(run(d, &split));
+    let report = std::fs::read_to_string(d.join("sp/eval.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["images"].as_u64(), Some(val.lines().count() as u64), "{val}");
 }
 
 /// Every string value of key `key` anywhere in `v`.

@@ -98,9 +98,76 @@ pub fn split_indices(n: usize, seed: u32, val_fraction: f64) -> (Vec<usize>, Vec
     (train, val)
 }
 
+/// A run's validation list, `runs/<run>/val.txt`: one path relative to the data folder per
+/// line, written by `fit` and read back by `fit --resume` and `eval --split`.
+pub const VAL_LIST: &str = "val.txt";
+
+/// Most bytes of a validation list read back (about 2 million paths).
+pub const MAX_VAL_LIST_BYTES: u64 = 256 << 20;
+
+/// A path's line in the validation list. File names may hold any byte but `/` and NUL: `\`,
+/// LF and CR are written `\\`, `\n` and `\r`, and bytes that are not UTF-8 `\xHH`, so every
+/// name is one line and two names never share one. Ordinary names are written as they are.
+pub fn val_list_entry(root: &std::path::Path, path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.strip_prefix(root).unwrap_or(path).as_os_str().as_bytes();
+    let mut line = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => line.push_str("\\\\"),
+                '\n' => line.push_str("\\n"),
+                '\r' => line.push_str("\\r"),
+                c => line.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            line.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    line
+}
+
+/// The entries of the validation list at `path` (as [`val_list_entry`] writes them), with the
+/// file named in every error.
+pub fn read_val_list(path: &std::path::Path) -> anyhow::Result<std::collections::HashSet<String>> {
+    use anyhow::Context;
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_VAL_LIST_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {} (not a text file?)", path.display()))?;
+    if text.len() as u64 > MAX_VAL_LIST_BYTES {
+        anyhow::bail!("{} is larger than {MAX_VAL_LIST_BYTES} bytes", path.display());
+    }
+    Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_string).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_file_name_is_one_line_of_the_validation_list() {
+        use std::os::unix::ffi::OsStrExt;
+        let root = std::path::Path::new("/data");
+        let name = |b: &[u8]| root.join(std::ffi::OsStr::from_bytes(b));
+        assert_eq!(val_list_entry(root, &name(b"stamp/a b,c.jpg")), "stamp/a b,c.jpg");
+        assert_eq!(val_list_entry(root, &name("map/é.jpg".as_bytes())), "map/é.jpg");
+        let odd = [
+            &b"stamp/two\nlines.jpg"[..],
+            b"stamp/cr\r.jpg",
+            b"stamp/back\\n.jpg",
+            b"stamp/\xff.jpg",
+            b"stamp/\xfe.jpg",
+        ];
+        let lines: Vec<String> = odd.iter().map(|b| val_list_entry(root, &name(b))).collect();
+        assert!(lines.iter().all(|l| !l.contains('\n') && !l.contains('\r')), "{lines:?}");
+        let unique: std::collections::HashSet<&String> = lines.iter().collect();
+        assert_eq!(unique.len(), odd.len(), "{lines:?}");
+        assert_eq!(lines[3], "stamp/\\xff.jpg");
+    }
 
     #[test]
     fn mersenne_twister_matches_python() {

@@ -18,7 +18,7 @@ use super::shadow::{self, Shadow};
 use crate::csvfile;
 use crate::data::augment::{self, Augment};
 use crate::data::dataset;
-use crate::data::split::split_indices;
+use crate::data::split::{self, split_indices};
 use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
 use crate::metrics::{self, Counts};
@@ -138,7 +138,7 @@ pub struct FitSummary {
     pub stopped: Option<String>,
 }
 
-pub const VAL_LIST: &str = "val.txt";
+use crate::data::split::VAL_LIST;
 pub const RESULTS: &str = "results.csv";
 pub const LAST: &str = "last.ckpt";
 pub const BEST: &str = "best.ckpt";
@@ -301,13 +301,6 @@ struct Validation {
     counts: Vec<Counts>,
 }
 
-/// Relative path of a sample under the data root, as written in `val.txt`.
-fn relative(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// Probabilities and the targets they are scored against (both on the CPU), and the mean BCE,
 /// over the images `idx` of `pixels` / `targets`, in eval mode. The batches are gathered where the
@@ -636,11 +629,9 @@ fn split(
         return Ok((to_i64(train), to_i64(val)));
     }
     let val_list = run_dir.join(VAL_LIST);
-    let text = std::fs::read_to_string(&val_list)
-        .with_context(|| format!("cannot read {}", val_list.display()))?;
-    let names: std::collections::HashSet<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    let names = split::read_val_list(&val_list)?;
     let (val, train): (Vec<usize>, Vec<usize>) = (0..n)
-        .partition(|&i| names.contains(relative(&settings.data, &cache.samples[i].path).as_str()));
+        .partition(|&i| names.contains(split::val_list_entry(&settings.data, &cache.samples[i].path).as_str()));
     if val.len() != names.len() {
         say!(
             "warning: {} of the {} validation images listed in {} are no longer in the dataset",
@@ -664,7 +655,7 @@ fn prepare_run_dir(
         let listing: String = data
             .val_idx
             .iter()
-            .map(|&i| relative(&settings.data, &data.cache.samples[i as usize].path) + "\n")
+            .map(|&i| split::val_list_entry(&settings.data, &data.cache.samples[i as usize].path) + "\n")
             .collect();
         write_atomic(&run_dir.join(VAL_LIST), listing.as_bytes())?;
         write_atomic(
