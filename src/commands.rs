@@ -25,9 +25,9 @@ fn load_model(
     let mut model = load_for_inference(weights, device)?;
     model.precision = precision.unwrap_or(Precision::Fp32);
     if let Some(note) = model.choose_engine(engine)? {
-        eprintln!("note: {note}");
+        crate::errln!("note: {note}");
     }
-    eprintln!(
+    crate::errln!(
         "model: {}, {} on {}",
         model.description,
         format!("{:?}", model.precision).to_lowercase(),
@@ -49,13 +49,13 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
     };
     let s = infer::run(&model, &opts)?;
     if s.folders_done_before > 0 {
-        eprintln!(
+        crate::errln!(
             "left out {} folder(s) whose JSON file already exists (--overwrite tags them again)",
             s.folders_done_before
         );
     }
     let rate = s.images_tagged as f64 / s.seconds.max(1e-9);
-    eprintln!(
+    crate::errln!(
         "tagged {} images, skipped {}, {} JSON files in {} ({:.1} s, {:.1} images/s on {})",
         s.images_tagged,
         s.skipped.len(),
@@ -66,7 +66,7 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
         device::describe(device)
     );
     if s.interrupted {
-        eprintln!("interrupted: the JSON files written are complete; run the same command again to redo the rest");
+        crate::errln!("interrupted: the JSON files written are complete; run the same command again to redo the rest");
         return Ok(crate::progress::interrupted_exit_code());
     }
     Ok(ExitCode::SUCCESS)
@@ -154,7 +154,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         ..settings
     };
     if !crate::progress::quiet() {
-        eprintln!("device: {}", device::describe(device));
+        crate::errln!("device: {}", device::describe(device));
     }
     let s = fit::fit(&settings, &run_dir, previous, device, group)?;
     if crate::progress::quiet() {
@@ -164,7 +164,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         });
     }
     if s.interrupted {
-        eprintln!(
+        crate::errln!(
             "interrupted: {} holds epoch {}; continue with: trainer fit --resume {}",
             run_dir.join(fit::LAST).display(),
             s.epochs_done,
@@ -172,7 +172,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         );
         return Ok(crate::progress::interrupted_exit_code());
     }
-    eprintln!(
+    crate::errln!(
         "done: {} epochs{}; best validation loss {}; checkpoints in {}, Keras weights in {}",
         s.epochs_done,
         match s.stopped {
@@ -242,16 +242,16 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         };
         let path = opts.output.join("report.html");
         let shown = crate::report::write(&path, &evaluation, &page)?;
-        eprintln!("report: {} ({shown} thumbnails)", path.display());
+        crate::errln!("report: {} ({shown} thumbnails)", path.display());
     }
-    eprintln!(
+    crate::errln!(
         "wrote eval.json, eval.csv, pr_curves.png, confusion.png{}{} in {}",
         if opts.review > 0 { ", review.csv" } else { "" },
         if args.report { ", report.html" } else { "" },
         opts.output.display()
     );
     if let Some(path) = &rep.calibrated_checkpoint {
-        eprintln!("calibrated thresholds written to {path}; `trainer infer --weights {path}` applies them");
+        crate::errln!("calibrated thresholds written to {path}; `trainer infer --weights {path}` applies them");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -286,7 +286,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
             crate::model::torchscript::export(&model, &meta, tmp)
         })?,
     }
-    eprintln!(
+    crate::errln!(
         "exported {} as {:?} to {}: input images uint8 [N, {s}, {s}, 3] BGR, output probabilities float32 [N, {}]",
         model.description,
         args.format,
@@ -333,7 +333,7 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
             },
         )?,
     };
-    eprintln!(
+    crate::errln!(
         "fetch: saved {}, skipped {} (already on disk), failed {} in {:.1} s; log in {}",
         s.saved,
         s.skipped,
@@ -342,13 +342,13 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
         args.out.join("fetch.csv").display()
     );
     if s.interrupted {
-        eprintln!(
+        crate::errln!(
             "interrupted: only whole images were written; run the same command again to continue"
         );
         return Ok(crate::progress::interrupted_exit_code());
     }
     if s.short > 0 {
-        eprintln!(
+        crate::errln!(
             "fetch: {} tag(s) stopped short of --count {}",
             s.short, args.count
         );

@@ -61,7 +61,7 @@ impl DeviceArg {
                 "{why}. Training on the CPU instead would take far longer: fix this, or pass --device cpu to train on the CPU anyway"
             ),
             (DeviceArg::Auto, Verdict::Unusable(why)) => {
-                eprintln!("warning: {why}. Running on the CPU.");
+                crate::errln!("warning: {why}. Running on the CPU.");
                 Ok(Device::Cpu)
             }
             (DeviceArg::Cuda(n), _) if n < gpus => Ok(Device::Cuda(n)),

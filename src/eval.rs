@@ -559,13 +559,13 @@ pub fn print_report(rep: &EvalReport) {
         .max()
         .unwrap_or(5)
         .max(5);
-    eprintln!("{} images, loss {:.4}", rep.images, rep.loss);
-    eprintln!(
+    crate::errln!("{} images, loss {:.4}", rep.images, rep.loss);
+    crate::errln!(
         "  {:width$}  thresh  precision  recall     f1     AP  support",
         "label"
     );
     for l in &rep.labels {
-        eprintln!(
+        crate::errln!(
             "  {:width$}  {:>6.3}  {:>9.3}  {:>6.3}  {:>5.3}  {:>5}  {:>7}",
             l.label,
             l.threshold,
@@ -578,7 +578,7 @@ pub fn print_report(rep: &EvalReport) {
             l.support
         );
     }
-    eprintln!(
+    crate::errln!(
         "  micro-F1 {:.3}  macro-F1 {}  micro-AP {}  macro-AP {}",
         rep.micro_f1,
         fmt3(rep.macro_f1),
@@ -592,22 +592,22 @@ pub fn print_report(rep: &EvalReport) {
         .map(|v| format!("{} without {}: {}", v.child, v.parent, v.images))
         .collect();
     if violations.is_empty() {
-        eprintln!("  hierarchy: no child label predicted without its parent");
+        crate::errln!("  hierarchy: no child label predicted without its parent");
     } else {
         const SHOWN: usize = 20;
         let more = match violations.len() > SHOWN {
             true => format!("; and {} more in eval.json", violations.len() - SHOWN),
             false => String::new(),
         };
-        eprintln!(
+        crate::errln!(
             "  hierarchy violations: {}{more}",
             violations[..violations.len().min(SHOWN)].join("; ")
         );
     }
     if !rep.calibration.is_empty() {
-        eprintln!("  calibrated thresholds (F1 on these images):");
+        crate::errln!("  calibrated thresholds (F1 on these images):");
         for c in &rep.calibration {
-            eprintln!(
+            crate::errln!(
                 "    {:width$}  {:.3} -> {:.3}   F1 {:.3} -> {:.3}",
                 c.label, c.old_threshold, c.new_threshold, c.old_f1, c.new_f1
             );

@@ -510,7 +510,7 @@ fn download_all(
                     Ok(_) => sum.saved += 1,
                     Err(e) => {
                         sum.failed += 1;
-                        bar.suspend(|| eprintln!("{}: {e}", dest.display()));
+                        bar.suspend(|| crate::errln!("{}: {e}", dest.display()));
                     }
                 }
                 bar.set_message(format!(
@@ -572,7 +572,7 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
                     Ok(i) => i,
                     Err(e) => {
                         summary.lock().expect("summary").failed += 1;
-                        bar.suspend(|| eprintln!("skipped an API item: {e:#}"));
+                        bar.suspend(|| crate::errln!("skipped an API item: {e:#}"));
                         continue;
                     }
                 };
@@ -611,7 +611,7 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
                     Ok(d) => d,
                     Err(e) => {
                         summary.lock().expect("summary").failed += 1;
-                        bar.suspend(|| eprintln!("skipped API item {}: {e}", item.id));
+                        bar.suspend(|| crate::errln!("skipped API item {}: {e}", item.id));
                         continue;
                     }
                 };
@@ -625,7 +625,7 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
                 if idle_calls >= f.patience {
                     summary.lock().expect("summary").short += 1;
                     bar.suspend(|| {
-                        eprintln!(
+                        crate::errln!(
                             "{tag}: {} API calls in a row brought no new image; stopping at {} of {}",
                             f.patience,
                             count_jpgs(&tag_dir),
@@ -717,7 +717,7 @@ pub fn fetch_metadata(client: &Client, f: &MetadataFetch) -> Result<FetchSummary
             Ok(x) => x,
             Err(e) => {
                 summary.lock().expect("summary").failed += 1;
-                eprintln!("{}: row {}: skipped: {e}", f.metadata.display(), line + 2);
+                crate::errln!("{}: row {}: skipped: {e}", f.metadata.display(), line + 2);
                 continue;
             }
         };

@@ -416,7 +416,7 @@ impl<'a> Tagger<'a> {
                         ok.push((*folder, path));
                     }
                     Err(reason) => {
-                        bar.suspend(|| eprintln!("skipped {reason}"));
+                        bar.suspend(|| crate::errln!("skipped {reason}"));
                         summary.skipped.push((path.clone(), reason.clone()));
                     }
                 }
@@ -448,7 +448,7 @@ impl<'a> Tagger<'a> {
                 .insert(stem.clone(), value)
                 .is_some()
             {
-                bar.suspend(|| eprintln!("warning: {}: another file in this folder has the stem '{stem}'; the last one is kept", path.display()));
+                bar.suspend(|| crate::errln!("warning: {}: another file in this folder has the stem '{stem}'; the last one is kept", path.display()));
             }
             summary.images_tagged += 1;
         }
@@ -461,7 +461,7 @@ impl<'a> Tagger<'a> {
                 }
                 Item::Failed { folder, reason } => {
                     let dir = &folders[folder].dir;
-                    bar.suspend(|| eprintln!("skipped folder {}: {reason}", dir.display()));
+                    bar.suspend(|| crate::errln!("skipped folder {}: {reason}", dir.display()));
                     summary.skipped.push((dir.clone(), reason));
                 }
                 Item::Image { .. } => {}

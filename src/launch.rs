@@ -52,7 +52,7 @@ fn code(status: &ExitStatus) -> String {
 pub fn run_local(n: usize, args: Vec<OsString>) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let port = crate::dist::free_port()?;
-    eprintln!("starting {n} ranks on this machine (rendezvous at 127.0.0.1:{port})");
+    crate::errln!("starting {n} ranks on this machine (rendezvous at 127.0.0.1:{port})");
     let mut children = Vec::with_capacity(n);
     for rank in 0..n {
         let mut cmd = Command::new(&exe);
@@ -119,7 +119,7 @@ fn watch(mut children: Vec<Option<Child>>) -> Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(100));
     }
     if let Some((rank, status)) = failed {
-        eprintln!(
+        crate::errln!(
             "error: rank {rank} failed ({}); the other ranks were stopped",
             code(&status)
         );

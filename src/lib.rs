@@ -1,5 +1,9 @@
 //! `trainer`: train, evaluate and run the NDL illustration tagger (EfficientNet-B0), compatible
 //! with the original Keras scripts.
+//!
+//! Lines go out through `errln!`/`outln!`, never `eprintln!`/`println!`, which panic when the
+//! terminal or pipe has gone (clippy enforces it).
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod cli;
 pub mod commands;

@@ -1,3 +1,5 @@
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -5,7 +7,7 @@ use trainer::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     if std::env::var_os("TRAINER_DEFAULT_MALLOC").is_none() && !trainer::runtime::tune_allocator() {
-        eprintln!("warning: the C library refused the allocator settings; expect a slower CPU run");
+        trainer::errln!("warning: the C library refused the allocator settings; expect a slower CPU run");
     }
     let cli = Cli::parse();
     trainer::data::decode::set_max_pixels(cli.max_pixels);
@@ -17,14 +19,14 @@ fn main() -> ExitCode {
         Command::Fetch(args) => trainer::commands::fetch(args),
         Command::Export(args) => trainer::commands::export(args),
         Command::Doctor => {
-            print!("{}", trainer::doctor::report());
+            trainer::out!("{}", trainer::doctor::report());
             Ok(ExitCode::SUCCESS)
         }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            trainer::errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

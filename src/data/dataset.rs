@@ -257,7 +257,7 @@ pub fn load_cache(
         skipped,
     } = decode_samples(root, &samples, size)?;
     for (_, reason) in &skipped {
-        eprintln!("skipped {reason}");
+        crate::errln!("skipped {reason}");
     }
     let s = size as i64;
     let pixels = Tensor::from_slice(&pixels).view([kept.len() as i64, s, s, 3]);

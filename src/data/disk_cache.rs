@@ -123,7 +123,7 @@ pub fn load(
         Ok(desc) => Some(desc),
         Err(e) => {
             if std::fs::symlink_metadata(&json_path).is_ok() {
-                eprintln!("image cache {}: {e:#}; decoding again", json_path.display());
+                crate::errln!("image cache {}: {e:#}; decoding again", json_path.display());
             }
             None
         }
@@ -135,7 +135,7 @@ pub fn load(
     };
     drop(lock);
     for (_, reason) in &desc.skipped {
-        eprintln!("skipped {reason}");
+        crate::errln!("skipped {reason}");
     }
     super::dataset::check_every_folder_kept(root, &samples, &desc.kept)?;
     let _ = crate::fsutil::open_own_file(&json_path)

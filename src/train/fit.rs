@@ -31,7 +31,7 @@ use crate::progress;
 macro_rules! say {
     ($($arg:tt)*) => {
         if !progress::quiet() {
-            eprintln!($($arg)*);
+            crate::errln!($($arg)*);
         }
     };
 }
@@ -239,7 +239,7 @@ fn open_run_dir(run_dir: &Path, resume: bool) -> Result<crate::fsutil::DirLock> 
     }
     let removed = crate::fsutil::remove_stale_temporaries(run_dir, std::time::Duration::ZERO);
     if removed > 0 {
-        eprintln!(
+        crate::errln!(
             "removed {removed} half-written temporary file(s) from {}",
             run_dir.display()
         );
@@ -1023,7 +1023,7 @@ fn finish_epoch(
         improved,
     );
     if let Err(e) = draw_results(&csv_path, &run_dir.join("results.png"), labels) {
-        eprintln!("warning: cannot draw results.png: {e:#}");
+        crate::errln!("warning: cannot draw results.png: {e:#}");
     }
     let stop = recipe::stop_reason(
         settings.recipe.patience,
@@ -1203,7 +1203,7 @@ pub fn fit(
         if stopping {
             let reason = stop.unwrap_or_else(|| "rank 0 stopped early".into());
             if rank0 {
-                eprintln!("{reason}");
+                crate::errln!("{reason}");
                 write_atomic(&run_dir.join(STOPPED), format!("{reason}\n").as_bytes())?;
             }
             summary.stopped = Some(reason);
@@ -1274,12 +1274,12 @@ fn print_epoch(
         );
     }
     line += &format!("  {seconds:.1} s, {images_per_s:.1} images/s");
-    eprintln!("{line}");
+    crate::errln!("{line}");
     if let Some(v) = validation {
         let width = labels.iter().map(|l| l.len()).max().unwrap_or(5).max(5);
-        eprintln!("  {:width$}  precision  recall     f1  support", "label");
+        crate::errln!("  {:width$}  precision  recall     f1  support", "label");
         for (l, c) in labels.iter().zip(&v.counts) {
-            eprintln!(
+            crate::errln!(
                 "  {l:width$}  {:>9.3}  {:>6.3}  {:>5.3}  {:>7}",
                 c.precision(),
                 c.recall(),
