@@ -538,6 +538,35 @@ fn huge_name_attributes_are_refused_before_reading() {
     let run = infer(dir.path(), &many);
     assert_refused(&run, &many, "layer_names", "claims 10001 names");
 
+    // 10,000 layers naming one group of 20 weights: a 200 KB file listing 200,000 tensors.
+    let shared = dir.path().join("shared_group.h5");
+    common::write_hdf5_for_child(&shared, |scratch| {
+        let f = hdf5::File::with_options()
+            .with_fapl(|p| p.libver_latest())
+            .create(scratch)
+            .unwrap();
+        let ascii = |s: &str| hdf5::types::VarLenAscii::from_ascii(s).unwrap();
+        let g = f.create_group("g").unwrap();
+        g.new_dataset::<f32>().shape(1).create("x").unwrap();
+        let weights = vec![ascii("x"); 20];
+        let attr = g.new_attr::<hdf5::types::VarLenAscii>().shape(20);
+        attr.create("weight_names")
+            .unwrap()
+            .write_raw(&weights)
+            .unwrap();
+        let layers = vec![ascii("g"); 10_000];
+        let attr = f.new_attr::<hdf5::types::VarLenAscii>().shape(10_000);
+        attr.create("layer_names")
+            .unwrap()
+            .write_raw(&layers)
+            .unwrap();
+    });
+    let err = keras::read(&shared).unwrap_err().to_string();
+    assert!(
+        err.contains("shared_group.h5") && err.contains("more than 100000 tensors"),
+        "{err}"
+    );
+
     let wide = edited(dir.path(), "wide_names.h5", |f| {
         let g = f.group("stem_conv").unwrap();
         g.delete_attr("weight_names").unwrap();

@@ -173,6 +173,9 @@ fn torch_to_keras(t: &Tensor, param: &str) -> Tensor {
 /// tensor has under 2 million), and all of them together.
 pub const MAX_TENSOR_VALUES: usize = 1 << 26;
 pub const MAX_FILE_VALUES: usize = 1 << 28;
+/// Most tensors a file may list (a B0 has 315; layers sharing one group through hard links could
+/// otherwise list the same names millions of times).
+pub const MAX_TENSORS: usize = 100_000;
 
 /// A Keras file opened and listed: every tensor's name and shape (no values yet) and where its
 /// dataset is, through hard links only.
@@ -232,6 +235,11 @@ fn list(path: &Path) -> Result<Listing, KerasError> {
             .map_err(|e| e.to_string())
             .and_then(|a| hdf5_safe::read_names(&a))
             .map_err(|e| layout_err(format!("layer {layer} has no readable weight_names ({e})")))?;
+        if weights.tensors.len() + weight_names.len() > MAX_TENSORS {
+            return Err(layout_err(format!(
+                "it lists more than {MAX_TENSORS} tensors"
+            )));
+        }
         for weight in weight_names {
             let name = format!("{layer}/{weight}");
             let (dataset, shape) =
