@@ -115,9 +115,8 @@ fn edited(dir: &Path, name: &str, edit: impl FnOnce(&hdf5::File)) -> PathBuf {
     let path = dir.join(name);
     common::write_hdf5_for_child(&path, |scratch| {
         std::fs::copy(common::oracle().join("ndl_b0_weights.h5"), scratch).unwrap();
-        let mut perms = std::fs::metadata(scratch).unwrap().permissions();
-        perms.set_readonly(false);
-        std::fs::set_permissions(scratch, perms).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(scratch, std::fs::Permissions::from_mode(0o644)).unwrap();
         let file = hdf5::File::open_rw(scratch).unwrap();
         edit(&file);
     });
