@@ -226,10 +226,13 @@ fn list(path: &Path) -> Result<Listing, KerasError> {
     };
     let mut datasets = Vec::new();
     for layer in layer_names {
-        let (group_path, group) = hdf5_safe::resolve(&file, &format!("{root_path}/{layer}"))
-            .and_then(|p| p.ok_or_else(|| "no such group".to_string()))
-            .and_then(|p| Ok((p.clone(), file.group(&p).map_err(|e| e.to_string())?)))
-            .map_err(|e| layout_err(format!("layer {layer} is listed but has no group ({e})")))?;
+        let (group_path, group) = hdf5_safe::resolve(
+            &file,
+            &format!("{}/{layer}", root_path.trim_end_matches('/')),
+        )
+        .and_then(|p| p.ok_or_else(|| "no such group".to_string()))
+        .and_then(|p| Ok((p.clone(), file.group(&p).map_err(|e| e.to_string())?)))
+        .map_err(|e| layout_err(format!("layer {layer} is listed but has no group ({e})")))?;
         let weight_names = group
             .attr("weight_names")
             .map_err(|e| e.to_string())
