@@ -244,24 +244,8 @@ fn list(path: &Path) -> Result<Listing, KerasError> {
             )));
         }
         for weight in weight_names {
-            let name = format!("{layer}/{weight}");
-            let (dataset, shape) =
-                locate(&file, &format!("{group_path}/{weight}")).map_err(|reason| {
-                    KerasError::Tensor {
-                        file: file_name.clone(),
-                        tensor: name.clone(),
-                        reason,
-                    }
-                })?;
-            let last = weight.rsplit('/').next().unwrap_or(&weight);
-            let param = last.split(':').next().unwrap_or(last).to_string();
-            weights.tensors.push(KerasTensor {
-                name,
-                layer: layer.clone(),
-                param,
-                shape,
-                data: Vec::new(),
-            });
+            let (tensor, dataset) = locate(&file, &file_name, &group_path, &layer, &weight)?;
+            weights.tensors.push(tensor);
             datasets.push(dataset);
         }
     }
@@ -275,13 +259,38 @@ fn list(path: &Path) -> Result<Listing, KerasError> {
     })
 }
 
-/// A tensor's dataset, found through links that stay in the file, with its shape once its
-/// storage is checked (in the file, floats, known filters).
-fn locate(file: &hdf5::File, path: &str) -> Result<(String, Vec<usize>), String> {
-    let resolved = hdf5_safe::resolve(file, path)?.ok_or("no such dataset")?;
-    let ds = file.dataset(&resolved).map_err(|e| e.to_string())?;
-    let storage = hdf5_safe::storage(&ds)?;
-    Ok((resolved, storage.shape))
+/// The tensor `weight` of `layer` (no values yet) and the path of its dataset, found through
+/// links that stay in the file, once its storage is checked (in the file, floats, known
+/// filters).
+fn locate(
+    file: &hdf5::File,
+    file_name: &str,
+    group_path: &str,
+    layer: &str,
+    weight: &str,
+) -> Result<(KerasTensor, String), KerasError> {
+    let name = format!("{layer}/{weight}");
+    let found = hdf5_safe::resolve(file, &format!("{group_path}/{weight}"))
+        .and_then(|p| p.ok_or_else(|| "no such dataset".to_string()))
+        .and_then(|p| {
+            let ds = file.dataset(&p).map_err(|e| e.to_string())?;
+            Ok((p, hdf5_safe::storage(&ds)?.shape))
+        });
+    let (dataset, shape) = found.map_err(|reason| KerasError::Tensor {
+        file: file_name.to_string(),
+        tensor: name.clone(),
+        reason,
+    })?;
+    let last = weight.rsplit('/').next().unwrap_or(weight);
+    let param = last.split(':').next().unwrap_or(last).to_string();
+    let tensor = KerasTensor {
+        name,
+        layer: layer.to_string(),
+        param,
+        shape,
+        data: Vec::new(),
+    };
+    Ok((tensor, dataset))
 }
 
 /// Reads the values of every listed tensor, each at most `limit` values.
