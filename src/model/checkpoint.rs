@@ -266,6 +266,46 @@ fn write_named(path: &Path, meta: &CheckpointMeta, named: &[(String, Tensor)]) -
     write_atomic(path, &bytes)
 }
 
+/// The whole checkpoint file, refused when it is not a regular file or holds more than
+/// [`MAX_FILE_BYTES`] (counted while reading, so a file growing meanwhile is refused too).
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let shown = path.display();
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read checkpoint {shown}"))?;
+    if !meta.is_file() {
+        bail!("{shown}: not a regular file");
+    }
+    let size = meta.len();
+    if size > MAX_FILE_BYTES {
+        bail!("{shown}: {size} bytes, larger than any checkpoint (limit {MAX_FILE_BYTES})");
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read checkpoint {shown}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        bail!("{shown}: larger than any checkpoint (limit {MAX_FILE_BYTES} bytes)");
+    }
+    Ok(bytes)
+}
+
+/// A tensor's shape for libtorch, refused (with the reason, to follow the tensor's name) when a
+/// dimension, or the product of the non-zero ones, exceeds what a checkpoint can hold; so a
+/// zero-size tensor with a huge other dimension is refused too instead of overflowing strides.
+fn torch_shape(shape: &[usize]) -> Result<Vec<i64>, String> {
+    let limit = MAX_FILE_BYTES / 4;
+    let span = shape
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul((d as u64).max(1)));
+    match span {
+        Some(n) if n <= limit => Ok(shape.iter().map(|&d| d as i64).collect()),
+        _ => Err(format!(
+            "has shape {shape:?}, larger than any checkpoint holds ({limit} values)"
+        )),
+    }
+}
+
 /// A checkpoint read from disk.
 pub struct Checkpoint {
     pub meta: CheckpointMeta,
@@ -277,14 +317,7 @@ impl Checkpoint {
     /// checksum. Every error names the file.
     pub fn read(path: &Path) -> Result<Self> {
         let shown = path.display();
-        let size = std::fs::metadata(path)
-            .with_context(|| format!("cannot read checkpoint {shown}"))?
-            .len();
-        if size > MAX_FILE_BYTES {
-            bail!("{shown}: {size} bytes, larger than any checkpoint (limit {MAX_FILE_BYTES})");
-        }
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read checkpoint {shown}"))?;
+        let bytes = read_bounded(path)?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{shown}: not a trainer checkpoint ({e:?})"))?;
         let meta_json = header
@@ -321,13 +354,17 @@ impl Checkpoint {
         }
         let mut tensors = HashMap::new();
         for (name, view) in views {
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let shape = torch_shape(view.shape())
+                .map_err(|e| anyhow::anyhow!("{shown}: tensor {name} {e}"))?;
             let values: Vec<f32> = view
                 .data()
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            tensors.insert(name, Tensor::from_slice(&values).reshape(&shape));
+            let tensor = Tensor::from_slice(&values)
+                .f_reshape(&shape)
+                .map_err(|e| anyhow::anyhow!("{shown}: tensor {name}: {e}"))?;
+            tensors.insert(name, tensor);
         }
         Ok(Checkpoint { meta, tensors })
     }
@@ -384,5 +421,28 @@ impl Checkpoint {
             })
             .unwrap_or(false)
             && !super::is_hdf5(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::torch_shape;
+
+    #[test]
+    fn overflowing_shapes_are_refused_not_wrapped() {
+        assert_eq!(torch_shape(&[3, 4]).unwrap(), vec![3, 4]);
+        assert_eq!(torch_shape(&[0, 7]).unwrap(), vec![0, 7]);
+        for shape in [
+            vec![0, 1 << 63],
+            vec![usize::MAX, 0],
+            vec![1 << 32, 1 << 32],
+            vec![0, 1 << 20, 1 << 20],
+        ] {
+            let err = torch_shape(&shape).unwrap_err();
+            assert!(
+                err.contains("larger than any checkpoint"),
+                "{shape:?}: {err}"
+            );
+        }
     }
 }

@@ -9,10 +9,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::types::VarLenAscii;
 use tch::{nn::VarStore, Tensor};
 
 use super::efficientnet::block_names;
+use super::hdf5_safe;
 
 /// Layer names of the head on top of the backbone, in order.
 pub const HEAD_LAYERS: [&str; 3] = ["dense", "dense_1", "dense_2"];
@@ -135,16 +136,27 @@ fn keras_param_name(layer: &str, torch: &str) -> &'static str {
     }
 }
 
+/// The order of a Keras tensor's dimensions in libtorch's layout, where it differs.
+fn keras_to_torch_order(param: &str, rank: usize) -> Option<&'static [usize]> {
+    match (param, rank) {
+        // (kh, kw, in, out) -> (out, in, kh, kw)
+        ("kernel", 4) => Some(&[3, 2, 0, 1]),
+        // (kh, kw, channels, 1) -> (channels, 1, kh, kw)
+        ("depthwise_kernel", 4) => Some(&[2, 3, 0, 1]),
+        // (in, out) -> (out, in)
+        ("kernel", 2) => Some(&[1, 0]),
+        _ => None,
+    }
+}
+
 /// Permutation taking a Keras tensor to libtorch's layout (and its inverse for export).
 fn keras_to_torch(t: &Tensor, param: &str) -> Tensor {
-    match (param, t.dim()) {
-        // (kh, kw, in, out) -> (out, in, kh, kw)
-        ("kernel", 4) => t.permute([3, 2, 0, 1]),
-        // (kh, kw, channels, 1) -> (channels, 1, kh, kw)
-        ("depthwise_kernel", 4) => t.permute([2, 3, 0, 1]),
-        // (in, out) -> (out, in)
-        ("kernel", 2) => t.transpose(0, 1),
-        _ => t.shallow_clone(),
+    match keras_to_torch_order(param, t.dim()) {
+        Some(order) => {
+            let order: Vec<i64> = order.iter().map(|&i| i as i64).collect();
+            t.permute(order)
+        }
+        None => t.shallow_clone(),
     }
 }
 
@@ -157,40 +169,26 @@ fn torch_to_keras(t: &Tensor, param: &str) -> Tensor {
     }
 }
 
-/// Reads a list of strings stored as variable- or fixed-length ASCII/UTF-8 (h5py writes both,
-/// depending on its version). An empty numeric array (h5py's way of writing an empty list) gives
-/// an empty list.
-fn read_strings(attr: &hdf5::Attribute) -> hdf5::Result<Vec<String>> {
-    let descriptor = attr.dtype()?.to_descriptor()?;
-    let strip = |s: &str| s.trim_end_matches('\0').to_string();
-    Ok(match descriptor {
-        TypeDescriptor::VarLenAscii => attr
-            .read_raw::<VarLenAscii>()?
-            .iter()
-            .map(|s| strip(s.as_str()))
-            .collect(),
-        TypeDescriptor::VarLenUnicode => attr
-            .read_raw::<VarLenUnicode>()?
-            .iter()
-            .map(|s| strip(s.as_str()))
-            .collect(),
-        TypeDescriptor::FixedAscii(_) => attr
-            .read_raw::<hdf5::types::FixedAscii<1024>>()?
-            .iter()
-            .map(|s| strip(s.as_str()))
-            .collect(),
-        TypeDescriptor::FixedUnicode(_) => attr
-            .read_raw::<hdf5::types::FixedUnicode<1024>>()?
-            .iter()
-            .map(|s| strip(s.as_str()))
-            .collect(),
-        _ if attr.size() == 0 => Vec::new(),
-        other => return Err(format!("expected strings, found {other}").into()),
-    })
+/// Most values one tensor of a file read without a model may hold (an EfficientNet-B7's largest
+/// tensor has under 2 million), and all of them together.
+pub const MAX_TENSOR_VALUES: usize = 1 << 26;
+pub const MAX_FILE_VALUES: usize = 1 << 28;
+/// Most tensors a file may list (a B0 has 315; layers sharing one group through hard links could
+/// otherwise list the same names millions of times).
+pub const MAX_TENSORS: usize = 100_000;
+
+/// A Keras file opened and listed: every tensor's name and shape (no values yet) and where its
+/// dataset is, through hard links only.
+struct Listing {
+    file: hdf5::File,
+    weights: KerasWeights,
+    datasets: Vec<String>,
 }
 
-/// Reads every weight tensor of a Keras legacy HDF5 file.
-pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
+/// Opens a Keras file and lists its tensors: names bounded in count and length, every link
+/// resolved inside the file, every dataset's storage checked to be in the file. No values are
+/// read.
+fn list(path: &Path) -> Result<Listing, KerasError> {
     let file_name = path.display().to_string();
     let layout_err = |reason: String| KerasError::Layout {
         file: file_name.clone(),
@@ -206,58 +204,131 @@ pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
         file: file_name.clone(),
         reason: open_failure(&e.to_string()),
     })?;
-    let (root, layout) = match file.group("model_weights") {
-        Ok(g) => (g, KerasLayout::FullModel),
-        Err(_) => (
-            file.as_group().map_err(|e| layout_err(e.to_string()))?,
-            KerasLayout::WeightsOnly,
-        ),
+    let full = hdf5_safe::resolve(&file, "model_weights")
+        .map_err(layout_err)?
+        .filter(|p| file.group(p).is_ok());
+    let (root_path, layout) = match full {
+        Some(p) => (p, KerasLayout::FullModel),
+        None => ("/".to_string(), KerasLayout::WeightsOnly),
     };
+    let root = file
+        .group(&root_path)
+        .map_err(|e| layout_err(e.to_string()))?;
     let layer_names = root
         .attr("layer_names")
-        .and_then(|a| read_strings(&a))
+        .map_err(|e| e.to_string())
+        .and_then(|a| hdf5_safe::read_names(&a))
         .map_err(|e| layout_err(format!("no readable layer_names attribute ({e})")))?;
-    let mut tensors = Vec::new();
+    let mut weights = KerasWeights {
+        file: file_name.clone(),
+        layout,
+        tensors: Vec::new(),
+    };
+    let mut datasets = Vec::new();
     for layer in layer_names {
-        let group = root
-            .group(&layer)
-            .map_err(|e| layout_err(format!("layer {layer} is listed but has no group ({e})")))?;
+        let (group_path, group) = hdf5_safe::resolve(
+            &file,
+            &format!("{}/{layer}", root_path.trim_end_matches('/')),
+        )
+        .and_then(|p| p.ok_or_else(|| "no such group".to_string()))
+        .and_then(|p| Ok((p.clone(), file.group(&p).map_err(|e| e.to_string())?)))
+        .map_err(|e| layout_err(format!("layer {layer} is listed but has no group ({e})")))?;
         let weight_names = group
             .attr("weight_names")
-            .and_then(|a| read_strings(&a))
+            .map_err(|e| e.to_string())
+            .and_then(|a| hdf5_safe::read_names(&a))
             .map_err(|e| layout_err(format!("layer {layer} has no readable weight_names ({e})")))?;
+        if weights.tensors.len() + weight_names.len() > MAX_TENSORS {
+            return Err(layout_err(format!(
+                "it lists more than {MAX_TENSORS} tensors"
+            )));
+        }
         for weight in weight_names {
-            let name = format!("{layer}/{weight}");
-            let tensor_err = |reason: String| KerasError::Tensor {
-                file: file_name.clone(),
-                tensor: name.clone(),
-                reason,
-            };
-            let ds = group
-                .dataset(&weight)
-                .map_err(|e| tensor_err(e.to_string()))?;
-            let data = ds
-                .read_raw::<f32>()
-                .map_err(|e| tensor_err(e.to_string()))?;
-            let last = weight.rsplit('/').next().unwrap_or(&weight);
-            let param = last.split(':').next().unwrap_or(last).to_string();
-            tensors.push(KerasTensor {
-                name: name.clone(),
-                layer: layer.clone(),
-                param,
-                shape: ds.shape(),
-                data,
-            });
+            let (tensor, dataset) = locate(&file, &file_name, &group_path, &layer, &weight)?;
+            weights.tensors.push(tensor);
+            datasets.push(dataset);
         }
     }
-    if tensors.is_empty() {
+    if weights.tensors.is_empty() {
         return Err(layout_err("it holds no weight tensors".into()));
     }
-    Ok(KerasWeights {
-        file: file_name,
-        layout,
-        tensors,
+    Ok(Listing {
+        file,
+        weights,
+        datasets,
     })
+}
+
+/// The tensor `weight` of `layer` (no values yet) and the path of its dataset, found through
+/// links that stay in the file, once its storage is checked (in the file, floats, known
+/// filters).
+fn locate(
+    file: &hdf5::File,
+    file_name: &str,
+    group_path: &str,
+    layer: &str,
+    weight: &str,
+) -> Result<(KerasTensor, String), KerasError> {
+    let name = format!("{layer}/{weight}");
+    let found = hdf5_safe::resolve(file, &format!("{group_path}/{weight}"))
+        .and_then(|p| p.ok_or_else(|| "no such dataset".to_string()))
+        .and_then(|p| {
+            let ds = file.dataset(&p).map_err(|e| e.to_string())?;
+            Ok((p, hdf5_safe::storage(&ds)?.shape))
+        });
+    let (dataset, shape) = found.map_err(|reason| KerasError::Tensor {
+        file: file_name.to_string(),
+        tensor: name.clone(),
+        reason,
+    })?;
+    let last = weight.rsplit('/').next().unwrap_or(weight);
+    let param = last.split(':').next().unwrap_or(last).to_string();
+    let tensor = KerasTensor {
+        name,
+        layer: layer.to_string(),
+        param,
+        shape,
+        data: Vec::new(),
+    };
+    Ok((tensor, dataset))
+}
+
+/// Reads the values of every listed tensor, each at most `limit` values.
+fn read_values(listing: Listing, limit: usize) -> Result<KerasWeights, KerasError> {
+    let Listing {
+        file,
+        mut weights,
+        datasets,
+    } = listing;
+    let mut total = 0usize;
+    for (t, path) in weights.tensors.iter_mut().zip(&datasets) {
+        let err = |reason: String| KerasError::Tensor {
+            file: weights.file.clone(),
+            tensor: t.name.clone(),
+            reason,
+        };
+        let n = hdf5_safe::elements(&t.shape).unwrap_or(usize::MAX);
+        total = total.saturating_add(n);
+        if n > limit || total > MAX_FILE_VALUES {
+            return Err(err(format!(
+                "shape {:?} is larger than any tensor of the model",
+                t.shape
+            )));
+        }
+        let ds = file.dataset(path).map_err(|e| err(e.to_string()))?;
+        let storage = hdf5_safe::storage(&ds).map_err(err)?;
+        if storage.shape != t.shape {
+            return Err(err("its shape changed while reading".into()));
+        }
+        t.data = hdf5_safe::read_f32(&ds, &storage).map_err(err)?;
+    }
+    Ok(weights)
+}
+
+/// Reads every weight tensor of a Keras legacy HDF5 file, each of at most
+/// [`MAX_TENSOR_VALUES`] values. Nothing outside the file is read.
+pub fn read(path: &Path) -> Result<KerasWeights, KerasError> {
+    read_values(list(path)?, MAX_TENSOR_VALUES)
 }
 
 /// The file's head layers renamed to the model's, when the file names them differently (a Keras
@@ -281,10 +352,30 @@ fn head_renaming(weights: &KerasWeights) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Copies Keras weights into a model's VarStore. Refuses a file with a tensor the model lacks, a
-/// tensor of the wrong shape or a missing tensor; a file without any head tensor (a backbone-only
-/// "notop" file) leaves the head as it is.
-pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, KerasError> {
+/// What [`check`] found: each tensor's VarStore key (in file order), the head renaming and
+/// whether the head is in the file.
+struct Plan {
+    keys: Vec<String>,
+    renamed: Vec<(String, String)>,
+    head_loaded: bool,
+}
+
+/// A tensor's shape in libtorch's layout (see [`keras_to_torch`]).
+fn torch_shape(shape: &[usize], param: &str) -> Vec<i64> {
+    let dims: Vec<i64> = shape
+        .iter()
+        .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+        .collect();
+    match keras_to_torch_order(param, dims.len()) {
+        Some(order) => order.iter().map(|&i| dims[i]).collect(),
+        None => dims,
+    }
+}
+
+/// Checks Keras tensors (their names and shapes only) against a model: every tensor must be a
+/// parameter of the model with its shape, none twice, none missing (but the whole head, for a
+/// backbone-only file).
+fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
     let vars = vs.variables();
     let renamed = head_renaming(weights);
     let rename = |layer: &str| -> String {
@@ -294,8 +385,7 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
             .map(|(_, to)| to.clone())
             .unwrap_or_else(|| layer.to_string())
     };
-    // Check everything before touching the model, so a refused file leaves it unchanged.
-    let mut plan = Vec::with_capacity(weights.tensors.len());
+    let mut keys = Vec::with_capacity(weights.tensors.len());
     let mut seen = BTreeSet::new();
     for t in &weights.tensors {
         let unexpected = || KerasError::Unexpected {
@@ -305,9 +395,7 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
         let torch = torch_param_name(&t.param).ok_or_else(unexpected)?;
         let key = format!("{}.{torch}", rename(&t.layer));
         let var = vars.get(&key).ok_or_else(unexpected)?;
-        let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-        let value = keras_to_torch(&Tensor::from_slice(&t.data).reshape(&dims), &t.param);
-        if value.size() != var.size() {
+        if torch_shape(&t.shape, &t.param) != var.size() {
             let expected = torch_to_keras(&var.zeros_like(), &t.param).size();
             return Err(KerasError::Shape {
                 file: weights.file.clone(),
@@ -323,7 +411,7 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
                 reason: "appears twice".into(),
             });
         }
-        plan.push((key, value));
+        keys.push(key);
     }
     let is_head = |key: &str| {
         HEAD_LAYERS
@@ -350,23 +438,54 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
             count: missing.len(),
         });
     }
+    Ok(Plan {
+        keys,
+        renamed,
+        head_loaded,
+    })
+}
+
+/// Copies Keras weights into a model's VarStore. Refuses a file with a tensor the model lacks, a
+/// tensor of the wrong shape or a missing tensor; a file without any head tensor (a backbone-only
+/// "notop" file) leaves the head as it is.
+pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, KerasError> {
+    // Check everything before touching the model, so a refused file leaves it unchanged.
+    let plan = check(weights, vs)?;
+    let vars = vs.variables();
+    let mut values = Vec::with_capacity(plan.keys.len());
+    for (t, key) in weights.tensors.iter().zip(&plan.keys) {
+        if hdf5_safe::elements(&t.shape) != Some(t.data.len()) {
+            return Err(KerasError::Tensor {
+                file: weights.file.clone(),
+                tensor: t.name.clone(),
+                reason: format!("{} values for a shape of {:?}", t.data.len(), t.shape),
+            });
+        }
+        let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        let value = keras_to_torch(&Tensor::from_slice(&t.data).reshape(&dims), &t.param);
+        values.push((key, value));
+    }
     tch::no_grad(|| {
-        for (key, value) in &plan {
-            let mut var = vars[key].shallow_clone();
+        for (key, value) in &values {
+            let mut var = vars[*key].shallow_clone();
             var.copy_(&value.to_kind(var.kind()).to_device(var.device()));
         }
     });
     Ok(ImportReport {
         layout: weights.layout,
-        applied: plan.len(),
-        head_loaded,
-        renamed,
+        applied: plan.keys.len(),
+        head_loaded: plan.head_loaded,
+        renamed: plan.renamed,
     })
 }
 
-/// Reads a Keras file and applies it to the model (see [`apply`]).
+/// Reads a Keras file and applies it to the model (see [`apply`]). Every tensor's name and shape
+/// is checked against the model before any value is read, so a file claiming a huge tensor is
+/// refused without reading it.
 pub fn load(path: &Path, vs: &VarStore) -> Result<ImportReport, KerasError> {
-    apply(&read(path)?, vs)
+    let listing = list(path)?;
+    check(&listing.weights, vs)?;
+    apply(&read_values(listing, MAX_TENSOR_VALUES)?, vs)
 }
 
 /// The model's layers in the order the Keras original creates them (the order of its

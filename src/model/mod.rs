@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod efficientnet;
+pub mod hdf5_safe;
 pub mod keras;
 pub mod onnx;
 pub mod onnxruntime;
