@@ -350,7 +350,8 @@ pub fn fetch(args: FetchArgs) -> Result<ExitCode> {
     if s.short > 0 {
         crate::errln!(
             "fetch: {} tag(s) stopped short of --count {}",
-            s.short, args.count
+            s.short,
+            args.count
         );
     }
     Ok(if s.failed > 0 || s.short > 0 {

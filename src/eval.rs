@@ -609,7 +609,11 @@ pub fn print_report(rep: &EvalReport) {
         for c in &rep.calibration {
             crate::errln!(
                 "    {:width$}  {:.3} -> {:.3}   F1 {:.3} -> {:.3}",
-                c.label, c.old_threshold, c.new_threshold, c.old_f1, c.new_f1
+                c.label,
+                c.old_threshold,
+                c.new_threshold,
+                c.old_f1,
+                c.new_f1
             );
         }
     }

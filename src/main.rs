@@ -7,7 +7,9 @@ use trainer::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     if std::env::var_os("TRAINER_DEFAULT_MALLOC").is_none() && !trainer::runtime::tune_allocator() {
-        trainer::errln!("warning: the C library refused the allocator settings; expect a slower CPU run");
+        trainer::errln!(
+            "warning: the C library refused the allocator settings; expect a slower CPU run"
+        );
     }
     let cli = Cli::parse();
     trainer::data::decode::set_max_pixels(cli.max_pixels);

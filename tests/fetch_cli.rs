@@ -715,7 +715,10 @@ fn server_strings_in_fetch_csv_are_quoted_and_neutralised() {
 
 #[test]
 fn a_link_planted_as_fetch_csv_is_not_followed() {
-    let server = serve(HashMap::from([("stamp".to_string(), items("stamp", 2, &[]))]));
+    let server = serve(HashMap::from([(
+        "stamp".to_string(),
+        items("stamp", 2, &[]),
+    )]));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("data");
     std::fs::create_dir_all(&out).unwrap();
@@ -724,6 +727,9 @@ fn a_link_planted_as_fetch_csv_is_not_followed() {
     std::os::unix::fs::symlink(&victim, out.join("fetch.csv")).unwrap();
     let (ok, stderr) = fetch(&server, &out, &["--tag", "stamp", "--count", "1"]);
     assert!(!ok, "{stderr}");
-    assert!(stderr.contains("fetch.csv") && stderr.contains("symbolic link"), "{stderr}");
+    assert!(
+        stderr.contains("fetch.csv") && stderr.contains("symbolic link"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "mine\n");
 }

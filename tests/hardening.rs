@@ -10,7 +10,7 @@ use std::process::Output;
 
 use tch::{nn, Device};
 use trainer::data::taxonomy::Taxonomy;
-use trainer::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
+use trainer::model::checkpoint::{self, Checkpoint, CheckpointMeta};
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
 
 fn keras_model() -> PathBuf {
@@ -208,23 +208,7 @@ fn checkpoint_with(
         },
     );
     poison(&vs);
-    let mut meta = CheckpointMeta {
-        format: checkpoint::FORMAT.into(),
-        version: checkpoint::VERSION,
-        epoch: 1,
-        thresholds: vec![0.4; taxonomy.labels.len()],
-        taxonomy,
-        preprocessing: Preprocessing::original(64),
-        drop_connect: 0.2,
-        optimizer_step: 0,
-        seed: 1,
-        val_loss: None,
-        best_val_loss: None,
-        best_epoch: None,
-        settings: serde_json::json!({}),
-        history: Vec::new(),
-        tensors_sha256: None,
-    };
+    let mut meta = common::checkpoint_meta(taxonomy, 64);
     edit(&mut meta);
     checkpoint::save(path, &meta, &vs, &[]).unwrap();
 }

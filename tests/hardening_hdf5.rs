@@ -627,7 +627,7 @@ fn tensors_sha256(header: &serde_json::Map<String, serde_json::Value>, data: &[u
 /// checksum recomputed, as a tester editing the file would.
 fn checkpoint_with_shape(path: &Path, shape: &[u64]) {
     use tch::{nn, Device};
-    use trainer::model::checkpoint::{self, CheckpointMeta, Preprocessing};
+    use trainer::model::checkpoint;
     let taxonomy = trainer::data::taxonomy::Taxonomy::ndl();
     let vs = nn::VarStore::new(Device::Cpu);
     let config = trainer::model::efficientnet::TaggerConfig {
@@ -635,23 +635,7 @@ fn checkpoint_with_shape(path: &Path, shape: &[u64]) {
         ..Default::default()
     };
     let _net = trainer::model::efficientnet::Tagger::new(&vs.root(), config);
-    let meta = CheckpointMeta {
-        format: checkpoint::FORMAT.into(),
-        version: checkpoint::VERSION,
-        epoch: 1,
-        thresholds: vec![0.4; taxonomy.labels.len()],
-        taxonomy,
-        preprocessing: Preprocessing::original(64),
-        drop_connect: 0.2,
-        optimizer_step: 0,
-        seed: 1,
-        val_loss: None,
-        best_val_loss: None,
-        best_epoch: None,
-        settings: serde_json::json!({}),
-        history: Vec::new(),
-        tensors_sha256: None,
-    };
+    let meta = common::checkpoint_meta(taxonomy, 64);
     checkpoint::save(path, &meta, &vs, &[]).unwrap();
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

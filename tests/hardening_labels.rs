@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use trainer::data::taxonomy::{Taxonomy, MAX_LABELS};
-use trainer::model::checkpoint::{self, CheckpointMeta, Preprocessing};
 
 /// Address-space limit of every `trainer` run here: far above what these runs use, far below
 /// what a labels x labels matrix of a large label list, or one output per label of millions of
@@ -149,23 +148,7 @@ const FIT: &[&str] = &[
 /// A checkpoint file holding only `taxonomy` in its metadata (no tensors): enough for the
 /// metadata check, which comes first.
 fn metadata_only_checkpoint(path: &Path, taxonomy: Taxonomy) {
-    let meta = CheckpointMeta {
-        format: checkpoint::FORMAT.into(),
-        version: checkpoint::VERSION,
-        epoch: 1,
-        thresholds: vec![0.4; taxonomy.labels.len()],
-        taxonomy,
-        preprocessing: Preprocessing::original(32),
-        drop_connect: 0.2,
-        optimizer_step: 0,
-        seed: 1,
-        val_loss: None,
-        best_val_loss: None,
-        best_epoch: None,
-        settings: serde_json::json!({}),
-        history: Vec::new(),
-        tensors_sha256: None,
-    };
+    let meta = common::checkpoint_meta(taxonomy, 32);
     let header = serde_json::json!({
         "__metadata__": { "trainer": serde_json::to_string(&meta).unwrap() }
     })
@@ -484,15 +467,31 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
     // val.txt holds one line per validation image, the names with CR and LF included, and
     // eval --split finds every one of them.
     let val = std::fs::read_to_string(d.join("runs/w/val.txt")).unwrap();
-    assert!(val.contains("c.jpg") && val.contains("\\r\\nc.jpg"), "{val}");
+    assert!(
+        val.contains("c.jpg") && val.contains("\\r\\nc.jpg"),
+        "{val}"
+    );
     let split = [
-        "eval", "--device", "cpu", "--weights", "runs/w/last.ckpt", "--data", "=data", "--output",
-        "sp", "--split", "runs/w",
+        "eval",
+        "--device",
+        "cpu",
+        "--weights",
+        "runs/w/last.ckpt",
+        "--data",
+        "=data",
+        "--output",
+        "sp",
+        "--split",
+        "runs/w",
     ];
     ok(run(d, &split));
     let report = std::fs::read_to_string(d.join("sp/eval.json")).unwrap();
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
-    assert_eq!(report["images"].as_u64(), Some(val.lines().count() as u64), "{val}");
+    assert_eq!(
+        report["images"].as_u64(),
+        Some(val.lines().count() as u64),
+        "{val}"
+    );
 }
 
 /// Every string value of key `key` anywhere in `v`.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tch::{nn, Device};
 use trainer::data::taxonomy::Taxonomy;
-use trainer::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
+use trainer::model::checkpoint::{self, Checkpoint};
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
 
 fn data() -> PathBuf {
@@ -350,23 +350,7 @@ fn negative_variance_checkpoint(path: &Path) {
             }
         }
     });
-    let meta = CheckpointMeta {
-        format: checkpoint::FORMAT.into(),
-        version: checkpoint::VERSION,
-        epoch: 1,
-        thresholds: vec![0.4; taxonomy.labels.len()],
-        taxonomy,
-        preprocessing: Preprocessing::original(32),
-        drop_connect: 0.2,
-        optimizer_step: 0,
-        seed: 1,
-        val_loss: None,
-        best_val_loss: None,
-        best_epoch: None,
-        settings: serde_json::json!({}),
-        history: Vec::new(),
-        tensors_sha256: None,
-    };
+    let meta = common::checkpoint_meta(taxonomy, 32);
     checkpoint::save(path, &meta, &vs, &[]).unwrap();
 }
 

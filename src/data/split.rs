@@ -110,7 +110,11 @@ pub const MAX_VAL_LIST_BYTES: u64 = 256 << 20;
 /// name is one line and two names never share one. Ordinary names are written as they are.
 pub fn val_list_entry(root: &std::path::Path, path: &std::path::Path) -> String {
     use std::os::unix::ffi::OsStrExt;
-    let bytes = path.strip_prefix(root).unwrap_or(path).as_os_str().as_bytes();
+    let bytes = path
+        .strip_prefix(root)
+        .unwrap_or(path)
+        .as_os_str()
+        .as_bytes();
     let mut line = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -133,15 +137,23 @@ pub fn val_list_entry(root: &std::path::Path, path: &std::path::Path) -> String 
 pub fn read_val_list(path: &std::path::Path) -> anyhow::Result<std::collections::HashSet<String>> {
     use anyhow::Context;
     use std::io::Read;
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut text = String::new();
     file.take(MAX_VAL_LIST_BYTES + 1)
         .read_to_string(&mut text)
         .with_context(|| format!("cannot read {} (not a text file?)", path.display()))?;
     if text.len() as u64 > MAX_VAL_LIST_BYTES {
-        anyhow::bail!("{} is larger than {MAX_VAL_LIST_BYTES} bytes", path.display());
+        anyhow::bail!(
+            "{} is larger than {MAX_VAL_LIST_BYTES} bytes",
+            path.display()
+        );
     }
-    Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_string).collect())
+    Ok(text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 #[cfg(test)]
@@ -153,8 +165,14 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let root = std::path::Path::new("/data");
         let name = |b: &[u8]| root.join(std::ffi::OsStr::from_bytes(b));
-        assert_eq!(val_list_entry(root, &name(b"stamp/a b,c.jpg")), "stamp/a b,c.jpg");
-        assert_eq!(val_list_entry(root, &name("map/é.jpg".as_bytes())), "map/é.jpg");
+        assert_eq!(
+            val_list_entry(root, &name(b"stamp/a b,c.jpg")),
+            "stamp/a b,c.jpg"
+        );
+        assert_eq!(
+            val_list_entry(root, &name("map/é.jpg".as_bytes())),
+            "map/é.jpg"
+        );
         let odd = [
             &b"stamp/two\nlines.jpg"[..],
             b"stamp/cr\r.jpg",
@@ -163,7 +181,10 @@ mod tests {
             b"stamp/\xfe.jpg",
         ];
         let lines: Vec<String> = odd.iter().map(|b| val_list_entry(root, &name(b))).collect();
-        assert!(lines.iter().all(|l| !l.contains('\n') && !l.contains('\r')), "{lines:?}");
+        assert!(
+            lines.iter().all(|l| !l.contains('\n') && !l.contains('\r')),
+            "{lines:?}"
+        );
         let unique: std::collections::HashSet<&String> = lines.iter().collect();
         assert_eq!(unique.len(), odd.len(), "{lines:?}");
         assert_eq!(lines[3], "stamp/\\xff.jpg");

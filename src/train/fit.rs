@@ -301,7 +301,6 @@ struct Validation {
     counts: Vec<Counts>,
 }
 
-
 /// Probabilities and the targets they are scored against (both on the CPU), and the mean BCE,
 /// over the images `idx` of `pixels` / `targets`, in eval mode. The batches are gathered where the
 /// pixels are (the device copy when it fits), the loss is summed on the device, and everything
@@ -630,8 +629,9 @@ fn split(
     }
     let val_list = run_dir.join(VAL_LIST);
     let names = split::read_val_list(&val_list)?;
-    let (val, train): (Vec<usize>, Vec<usize>) = (0..n)
-        .partition(|&i| names.contains(split::val_list_entry(&settings.data, &cache.samples[i].path).as_str()));
+    let (val, train): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| {
+        names.contains(split::val_list_entry(&settings.data, &cache.samples[i].path).as_str())
+    });
     if val.len() != names.len() {
         say!(
             "warning: {} of the {} validation images listed in {} are no longer in the dataset",
@@ -655,7 +655,9 @@ fn prepare_run_dir(
         let listing: String = data
             .val_idx
             .iter()
-            .map(|&i| split::val_list_entry(&settings.data, &data.cache.samples[i as usize].path) + "\n")
+            .map(|&i| {
+                split::val_list_entry(&settings.data, &data.cache.samples[i as usize].path) + "\n"
+            })
             .collect();
         write_atomic(&run_dir.join(VAL_LIST), listing.as_bytes())?;
         write_atomic(

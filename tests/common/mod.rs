@@ -130,3 +130,29 @@ pub fn untimed_rows(run: &std::path::Path) -> Vec<Vec<String>> {
         })
         .collect()
 }
+
+/// The metadata of a checkpoint made by a test: epoch 1 of `taxonomy` at `image_size`, with
+/// thresholds 0.4 and nothing trained.
+pub fn checkpoint_meta(
+    taxonomy: trainer::data::taxonomy::Taxonomy,
+    image_size: usize,
+) -> trainer::model::checkpoint::CheckpointMeta {
+    use trainer::model::checkpoint::{self, CheckpointMeta, Preprocessing};
+    CheckpointMeta {
+        format: checkpoint::FORMAT.into(),
+        version: checkpoint::VERSION,
+        epoch: 1,
+        thresholds: vec![0.4; taxonomy.labels.len()],
+        taxonomy,
+        preprocessing: Preprocessing::original(image_size),
+        drop_connect: 0.2,
+        optimizer_step: 0,
+        seed: 1,
+        val_loss: None,
+        best_val_loss: None,
+        best_epoch: None,
+        settings: serde_json::json!({}),
+        history: Vec::new(),
+        tensors_sha256: None,
+    }
+}
