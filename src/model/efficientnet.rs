@@ -444,8 +444,8 @@ mod tests {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let bn = batch_norm(vs.root() / "bn", 3);
         tch::no_grad(|| {
-            bn.running_var.shallow_clone().fill_(2.0);
-            bn.running_mean.shallow_clone().fill_(1.0);
+            let _ = bn.running_var.shallow_clone().fill_(2.0);
+            let _ = bn.running_mean.shallow_clone().fill_(1.0);
         });
         let x = Tensor::from_slice(&[5.0f32, -3.0, 0.5]).view([1, 3, 1, 1]);
         let y = norm(x.shallow_clone(), &bn, false, true);
