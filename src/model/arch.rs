@@ -400,19 +400,36 @@ mod tests {
         );
     }
 
-    /// The Keras-written B1 tagger of the shared fixtures (`TRAINER_SHARED` or `../shared`).
-    fn keras_b1_file() -> std::path::PathBuf {
+    /// A file of the shared fixtures (`TRAINER_SHARED` or `../shared`).
+    fn fixture(path: &str) -> std::path::PathBuf {
         std::env::var_os("TRAINER_SHARED")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-            .join("fixtures/keras-oracle-b1/ndl_b1_weights.h5")
+            .join("fixtures")
+            .join(path)
+    }
+
+    /// The Keras-written B1 tagger.
+    fn keras_b1_file() -> std::path::PathBuf {
+        fixture("keras-oracle-b1/ndl_b1_weights.h5")
+    }
+
+    /// The `layer_names` of a weights file Keras wrote with `model.save_weights`.
+    fn written_layer_names(path: &std::path::Path) -> Vec<String> {
+        let file = hdf5::File::open(path).expect("the fixture opens");
+        let attr = file.attr("layer_names").expect("layer_names");
+        crate::model::hdf5_safe::read_names(&attr).expect("names")
+    }
+
+    #[test]
+    fn b0_layer_names_are_those_keras_writes() {
+        let written = written_layer_names(&fixture("keras-oracle/ndl_b0_weights.h5"));
+        assert_eq!(super::super::keras::original_layer_names(Arch::B0), written);
     }
 
     #[test]
     fn b1_layer_names_are_those_keras_writes() {
-        let file = hdf5::File::open(keras_b1_file()).expect("the B1 fixture opens");
-        let attr = file.attr("layer_names").expect("layer_names");
-        let written = crate::model::hdf5_safe::read_names(&attr).expect("names");
+        let written = written_layer_names(&keras_b1_file());
         assert_eq!(super::super::keras::original_layer_names(Arch::B1), written);
         assert_ne!(super::super::keras::original_layer_names(Arch::B0), written);
     }

@@ -295,7 +295,7 @@ impl ModuleT for MbConv {
     }
 }
 
-/// EfficientNet-B0 backbone + the NDL head. `forward_t` returns logits; apply a sigmoid for the
+/// EfficientNet backbone (B0 unless `config.arch` says otherwise) + the NDL head. `forward_t` returns logits; apply a sigmoid for the
 /// probabilities the Keras model outputs.
 #[derive(Debug)]
 pub struct Tagger {
