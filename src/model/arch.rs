@@ -443,11 +443,22 @@ mod tests {
             arch: Arch::B1,
             ..Default::default()
         };
-        let _net = Tagger::new(&vs.root(), config);
+        let net = Tagger::new(&vs.root(), config);
         let report = super::super::keras::load(&keras_b1_file(), &vs).expect("the B1 file loads");
         assert!(report.head_loaded);
         assert_eq!(report.applied, vs.variables().len());
         assert!(report.renamed.is_empty());
+        // Keras's probabilities for the first 8 oracle inputs (240x240 BGR), within 1e-4.
+        let dir = fixture("keras-oracle-b1");
+        let inputs = tch::Tensor::read_npy(dir.join("inputs_240_bgr_u8.npy")).expect("inputs");
+        let expected = tch::Tensor::read_npy(dir.join("probs.npy")).expect("probs");
+        let x = crate::data::augment::to_input(&inputs.narrow(0, 0, 8));
+        let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &x, false).sigmoid());
+        let diff = (probs - expected.narrow(0, 0, 8))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "B1 differs from Keras by {diff:e}");
         // The same file does not fit B0.
         let b0 = tch::nn::VarStore::new(tch::Device::Cpu);
         let _net = Tagger::new(
