@@ -119,7 +119,8 @@ pub struct Network {
 }
 
 impl Network {
-    /// The drop-connect rate of a block when the last rate is `rate`: `rate * index / total`.
+    /// A block's drop-connect rate for the model's rate `rate`: `rate * index / total`, as the
+    /// package computes it (so above `rate` for the last blocks of B1..B7).
     pub fn drop_rate(&self, rate: f64, block: &BlockSpec) -> f64 {
         rate * block.index as f64 / self.drop_connect_total as f64
     }
