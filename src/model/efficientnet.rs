@@ -1,6 +1,7 @@
-//! EfficientNet-B0 with the NDL tagger's head, laid out exactly like the Keras original
-//! (`efficientnet` 1.1.1 `EfficientNetB0(include_top=False)` + GlobalAveragePooling + Dense 512 +
-//! Dense 512 relu + Dense N sigmoid).
+//! EfficientNet-B0 (or another variant of [`super::arch`]) with the NDL tagger's head, laid out
+//! exactly like the Keras original (`efficientnet` 1.1.1 `EfficientNetB0(include_top=False)` +
+//! GlobalAveragePooling + Dense 512 + Dense 512 relu + Dense N sigmoid). The blocks come from
+//! [`super::arch::Arch::network`].
 //!
 //! Every parameter lives in the `VarStore` under the Keras layer name (`stem_conv.weight`,
 //! `block2a_expand_bn.running_mean`, `dense_2.bias`, ...), so importing and exporting Keras HDF5
@@ -9,45 +10,11 @@
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
-/// One stage of EfficientNet-B0 (`DEFAULT_BLOCKS_ARGS` of the Keras package).
-#[derive(Clone, Copy, Debug)]
-pub struct StageArgs {
-    pub kernel: i64,
-    pub repeats: usize,
-    pub input_filters: i64,
-    pub output_filters: i64,
-    pub expand_ratio: i64,
-    pub stride: i64,
-}
-
-/// The seven stages of B0: (kernel, repeats, in, out, expand, stride); SE ratio 0.25 everywhere.
-pub const B0_STAGES: [StageArgs; 7] = [
-    stage(3, 1, 32, 16, 1, 1),
-    stage(3, 2, 16, 24, 6, 2),
-    stage(5, 2, 24, 40, 6, 2),
-    stage(3, 3, 40, 80, 6, 2),
-    stage(5, 3, 80, 112, 6, 1),
-    stage(5, 4, 112, 192, 6, 2),
-    stage(3, 1, 192, 320, 6, 1),
-];
-
-const fn stage(k: i64, r: usize, i: i64, o: i64, e: i64, s: i64) -> StageArgs {
-    StageArgs {
-        kernel: k,
-        repeats: r,
-        input_filters: i,
-        output_filters: o,
-        expand_ratio: e,
-        stride: s,
-    }
-}
+use super::arch::{Arch, BlockSpec};
 
 /// Keras defaults for `BatchNormalization`: epsilon 1e-3, momentum 0.99 (0.01 in torch terms).
 pub const BN_EPS: f64 = 1e-3;
 pub const BN_MOMENTUM: f64 = 0.01;
-pub const SE_RATIO: f64 = 0.25;
-pub const STEM_FILTERS: i64 = 32;
-pub const TOP_FILTERS: i64 = 1280;
 pub const HEAD_WIDTH: i64 = 512;
 
 /// The architecture's free settings.
@@ -55,8 +22,11 @@ pub const HEAD_WIDTH: i64 = 512;
 pub struct TaggerConfig {
     /// Number of sigmoid outputs (labels).
     pub num_classes: i64,
-    /// Drop-connect (stochastic depth) rate of the last block; block `i` of 16 uses `rate * i / 16`.
+    /// Drop-connect (stochastic depth) rate; block `i` uses `rate * i / 16` (see
+    /// [`super::arch::Network::drop_rate`]).
     pub drop_connect: f64,
+    /// The EfficientNet variant of the backbone.
+    pub arch: Arch,
 }
 
 impl Default for TaggerConfig {
@@ -64,6 +34,7 @@ impl Default for TaggerConfig {
         TaggerConfig {
             num_classes: 11,
             drop_connect: 0.2,
+            arch: Arch::B0,
         }
     }
 }
@@ -229,23 +200,18 @@ pub struct MbConv {
 }
 
 impl MbConv {
-    fn new(
-        root: &nn::Path,
-        name: &str,
-        args: &StageArgs,
-        c_in: i64,
-        stride: i64,
-        drop_rate: f64,
-    ) -> Self {
-        let filters = c_in * args.expand_ratio;
+    fn new(root: &nn::Path, spec: &BlockSpec, drop_rate: f64) -> Self {
+        let name = spec.name.as_str();
+        let (c_in, stride) = (spec.input_filters, spec.stride);
+        let filters = spec.expanded_filters();
         let p = |suffix: &str| root / format!("{name}_{suffix}");
-        let expand = (args.expand_ratio != 1).then(|| {
+        let expand = (spec.expand_ratio != 1).then(|| {
             (
                 SameConv::new(p("expand_conv"), c_in, filters, 1, 1, 1, false),
                 batch_norm(p("expand_bn"), filters),
             )
         });
-        let se_filters = ((c_in as f64 * SE_RATIO) as i64).max(1);
+        let se_filters = spec.se_filters();
         MbConv {
             name: name.to_string(),
             expand,
@@ -253,7 +219,7 @@ impl MbConv {
                 p("dwconv"),
                 filters,
                 filters,
-                args.kernel,
+                spec.kernel,
                 stride,
                 filters,
                 false,
@@ -264,14 +230,14 @@ impl MbConv {
             project_conv: SameConv::new(
                 p("project_conv"),
                 filters,
-                args.output_filters,
+                spec.output_filters,
                 1,
                 1,
                 1,
                 false,
             ),
-            project_bn: batch_norm(p("project_bn"), args.output_filters),
-            residual: stride == 1 && c_in == args.output_filters,
+            project_bn: batch_norm(p("project_bn"), spec.output_filters),
+            residual: spec.residual(),
             drop_rate,
             folded: false,
         }
@@ -329,7 +295,7 @@ impl ModuleT for MbConv {
     }
 }
 
-/// EfficientNet-B0 backbone + the NDL head. `forward_t` returns logits; apply a sigmoid for the
+/// EfficientNet backbone (B0 unless `config.arch` says otherwise) + the NDL head. `forward_t` returns logits; apply a sigmoid for the
 /// probabilities the Keras model outputs.
 #[derive(Debug)]
 pub struct Tagger {
@@ -345,41 +311,21 @@ pub struct Tagger {
     folded: bool,
 }
 
-/// Keras block names and their drop-connect rates in order: `block1a`, `block2a`, `block2b`, ...
-pub fn block_names() -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, s) in B0_STAGES.iter().enumerate() {
-        for r in 0..s.repeats {
-            names.push(format!("block{}{}", i + 1, (b'a' + r as u8) as char));
-        }
-    }
-    names
-}
-
 impl Tagger {
     pub fn new(root: &nn::Path, config: TaggerConfig) -> Self {
-        let stem_conv = SameConv::new(root / "stem_conv", 3, STEM_FILTERS, 3, 2, 1, false);
-        let stem_bn = batch_norm(root / "stem_bn", STEM_FILTERS);
-        let names = block_names();
-        let total = names.len() as f64;
-        let mut blocks = Vec::with_capacity(names.len());
-        let mut names = names.into_iter();
-        for args in B0_STAGES.iter() {
-            for r in 0..args.repeats {
-                let index = blocks.len() as f64;
-                let (c_in, stride) = if r == 0 {
-                    (args.input_filters, args.stride)
-                } else {
-                    (args.output_filters, 1)
-                };
-                let name = names.next().expect("one name per block");
-                let rate = config.drop_connect * index / total;
-                blocks.push(MbConv::new(root, &name, args, c_in, stride, rate));
-            }
-        }
-        let last = B0_STAGES[B0_STAGES.len() - 1].output_filters;
-        let top_conv = SameConv::new(root / "top_conv", last, TOP_FILTERS, 1, 1, 1, false);
-        let top_bn = batch_norm(root / "top_bn", TOP_FILTERS);
+        let net = config.arch.network();
+        let stem = net.stem_filters;
+        let stem_conv = SameConv::new(root / "stem_conv", 3, stem, 3, 2, 1, false);
+        let stem_bn = batch_norm(root / "stem_bn", stem);
+        let blocks = net
+            .blocks
+            .iter()
+            .map(|spec| MbConv::new(root, spec, net.drop_rate(config.drop_connect, spec)))
+            .collect::<Vec<_>>();
+        let last = net.blocks_output();
+        let top = net.top_filters;
+        let top_conv = SameConv::new(root / "top_conv", last, top, 1, 1, 1, false);
+        let top_bn = batch_norm(root / "top_bn", top);
         let lin = Default::default();
         Tagger {
             config,
@@ -388,7 +334,7 @@ impl Tagger {
             blocks,
             top_conv,
             top_bn,
-            dense: nn::linear(root / "dense", TOP_FILTERS, HEAD_WIDTH, lin),
+            dense: nn::linear(root / "dense", top, HEAD_WIDTH, lin),
             dense_1: nn::linear(root / "dense_1", HEAD_WIDTH, HEAD_WIDTH, lin),
             dense_2: nn::linear(root / "dense_2", HEAD_WIDTH, config.num_classes, lin),
             folded: false,
@@ -414,7 +360,7 @@ impl Tagger {
         &self.blocks
     }
 
-    /// The pooled 1280-wide features of the backbone.
+    /// The pooled features of the backbone (1280 wide for B0: the top convolution's filters).
     pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
         assert!(
             !(train && self.folded),
@@ -463,7 +409,7 @@ mod tests {
 
     #[test]
     fn block_names_follow_keras() {
-        let names = block_names();
+        let names = Arch::B0.network().block_names();
         assert_eq!(names.len(), 16);
         assert_eq!(&names[..4], ["block1a", "block2a", "block2b", "block3a"]);
         assert_eq!(names[15], "block7a");

@@ -12,7 +12,7 @@ use std::path::Path;
 use hdf5::types::VarLenAscii;
 use tch::{nn::VarStore, Tensor};
 
-use super::efficientnet::block_names;
+use super::arch::Arch;
 use super::hdf5_safe;
 
 /// Layer names of the head on top of the backbone, in order.
@@ -423,7 +423,7 @@ fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
         .keys()
         .filter(|k| !seen.contains(*k) && (head_loaded || !is_head(k)))
         .collect();
-    let first_missing = keras_layers(vs)
+    let first_missing = keras_layers(vs, Arch::B0)
         .into_iter()
         .flat_map(|(layer, params)| {
             params
@@ -491,10 +491,10 @@ pub fn load(path: &Path, vs: &VarStore) -> Result<ImportReport, KerasError> {
 /// The model's layers in the order the Keras original creates them (the order of its
 /// `layer_names`), each with `(keras param, VarStore key)` pairs in Keras weight order. Layers the
 /// VarStore lacks (`block1a` has no expansion) are left out.
-pub fn keras_layers(vs: &VarStore) -> Vec<(String, Vec<(String, String)>)> {
+pub fn keras_layers(vs: &VarStore, arch: Arch) -> Vec<(String, Vec<(String, String)>)> {
     let vars = vs.variables();
     let mut names = vec!["stem_conv".to_string(), "stem_bn".to_string()];
-    for block in block_names() {
+    for block in arch.network().block_names() {
         for part in [
             "expand_conv",
             "expand_bn",
@@ -530,39 +530,36 @@ pub fn keras_layers(vs: &VarStore) -> Vec<(String, Vec<(String, String)>)> {
 
 /// Every layer name of the original Keras model, in its `layer_names` order (weightless layers
 /// included), as `model.save_weights` writes them.
-pub fn original_layer_names() -> Vec<String> {
+pub fn original_layer_names(arch: Arch) -> Vec<String> {
     let mut names: Vec<String> = ["input_1", "stem_conv", "stem_bn", "stem_activation"]
         .map(String::from)
         .to_vec();
-    let mut index = 0;
-    for (stage, args) in super::efficientnet::B0_STAGES.iter().enumerate() {
-        for r in 0..args.repeats {
-            let block = format!("block{}{}", stage + 1, (b'a' + r as u8) as char);
-            let mut parts = Vec::new();
-            if args.expand_ratio != 1 {
-                parts.extend(["expand_conv", "expand_bn", "expand_activation"]);
-            }
-            parts.extend([
-                "dwconv",
-                "bn",
-                "activation",
-                "se_squeeze",
-                "se_reshape",
-                "se_reduce",
-                "se_expand",
-                "se_excite",
-                "project_conv",
-                "project_bn",
-            ]);
-            // Residual blocks (all but the first of each stage, as B0's first blocks change shape).
-            if r > 0 {
-                parts.extend(["drop", "add"]);
-            }
-            names.extend(parts.iter().map(|p| format!("{block}_{p}")));
-            index += 1;
+    for block in &arch.network().blocks {
+        let mut parts = Vec::new();
+        if block.expand_ratio != 1 {
+            parts.extend(["expand_conv", "expand_bn", "expand_activation"]);
         }
+        parts.extend([
+            "dwconv",
+            "bn",
+            "activation",
+            "se_squeeze",
+            "se_reshape",
+            "se_reduce",
+            "se_expand",
+            "se_excite",
+            "project_conv",
+            "project_bn",
+        ]);
+        // Keras drops before the residual add where the block's drop-connect rate is above 0.
+        if block.residual() {
+            if block.index > 0 {
+                parts.push("drop");
+            }
+            parts.push("add");
+        }
+        names.extend(parts.iter().map(|p| format!("{}_{p}", block.name)));
     }
-    debug_assert_eq!(index, 16);
     names.extend(
         [
             "top_conv",
@@ -597,7 +594,7 @@ fn open_failure(reason: &str) -> String {
 pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
     let vars = vs.variables();
     let layers: std::collections::HashMap<String, Vec<(String, String)>> =
-        keras_layers(vs).into_iter().collect();
+        keras_layers(vs, Arch::B0).into_iter().collect();
     let write = |tmp: &Path| -> hdf5::Result<()> {
         let file = hdf5::File::create(tmp)?;
         let ascii =
@@ -609,7 +606,7 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
         };
         scalar("backend", "tensorflow")?;
         scalar("keras_version", "2.15.0")?;
-        let names = original_layer_names();
+        let names = original_layer_names(Arch::B0);
         let name_values = names
             .iter()
             .map(|n| ascii(n))

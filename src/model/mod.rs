@@ -1,5 +1,6 @@
 //! The network, its Keras weights and our checkpoints.
 
+pub mod arch;
 pub mod checkpoint;
 pub mod efficientnet;
 pub mod hdf5_safe;
@@ -120,6 +121,7 @@ impl LoadedModel {
         let config = TaggerConfig {
             num_classes: meta.taxonomy.labels.len() as i64,
             drop_connect: meta.drop_connect,
+            ..Default::default()
         };
         let mut net = Tagger::new(&vs.root(), config);
         ckpt.load_model(&vs, path)?;

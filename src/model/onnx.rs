@@ -14,7 +14,8 @@ use onnx_protobuf::{
 };
 use tch::{nn::VarStore, Kind, Tensor};
 
-use super::efficientnet::{block_names, same_padding, B0_STAGES, BN_EPS, STEM_FILTERS};
+use super::arch::{Arch, BlockSpec};
+use super::efficientnet::{same_padding, BN_EPS};
 
 pub const OPSET: i64 = 17;
 
@@ -187,6 +188,55 @@ impl Builder {
         Ok((out, (size + stride - 1) / stride))
     }
 
+    /// One mobile inverted bottleneck block (`size`: the input's spatial size); returns the
+    /// output and its size.
+    fn block(
+        &mut self,
+        vars: &HashMap<String, Tensor>,
+        x: &str,
+        spec: &BlockSpec,
+        size: i64,
+    ) -> Result<(String, i64)> {
+        let name = &spec.name;
+        let mut y = x.to_string();
+        if spec.expand_ratio != 1 {
+            let e = format!("{name}_expand_conv");
+            let bn = format!("{name}_expand_bn");
+            let (e, _) = self.conv(vars, &y, &e, Some(&bn), 1, 1, size)?;
+            y = self.silu(&e, name);
+        }
+        let (d, out_size) = self.conv(
+            vars,
+            &y,
+            &format!("{name}_dwconv"),
+            Some(&format!("{name}_bn")),
+            spec.stride,
+            spec.expanded_filters(),
+            size,
+        )?;
+        y = self.silu(&d, name);
+        let pooled = self.node("GlobalAveragePool", &[&y], vec![], name);
+        let (r1, _) = self.conv(vars, &pooled, &format!("{name}_se_reduce"), None, 1, 1, 1)?;
+        let r1 = self.silu(&r1, name);
+        let (r2, _) = self.conv(vars, &r1, &format!("{name}_se_expand"), None, 1, 1, 1)?;
+        let gate = self.node("Sigmoid", &[&r2], vec![], name);
+        y = self.node("Mul", &[&y, &gate], vec![], name);
+        let (p, _) = self.conv(
+            vars,
+            &y,
+            &format!("{name}_project_conv"),
+            Some(&format!("{name}_project_bn")),
+            1,
+            1,
+            out_size,
+        )?;
+        let out = match spec.residual() {
+            true => self.node("Add", &[&p, x], vec![], name),
+            false => p,
+        };
+        Ok((out, out_size))
+    }
+
     fn dense(&mut self, vars: &HashMap<String, Tensor>, x: &str, name: &str) -> Result<String> {
         let (w, shape) = var(vars, &format!("{name}.weight"))?;
         let (b, bshape) = var(vars, &format!("{name}.bias"))?;
@@ -233,66 +283,9 @@ pub fn export(vs: &VarStore, meta: &Metadata) -> Result<Vec<u8>> {
     );
     let (x, mut size) = b.conv(&vars, &x, "stem_conv", Some("stem_bn"), 2, 1, s)?;
     let mut x = b.silu(&x, "stem");
-    let mut names = block_names().into_iter();
-    let mut c_in = STEM_FILTERS;
-    for args in B0_STAGES.iter() {
-        for r in 0..args.repeats {
-            let name = names.next().context("block names")?;
-            let (cin, stride) = if r == 0 {
-                (args.input_filters, args.stride)
-            } else {
-                (args.output_filters, 1)
-            };
-            debug_assert_eq!(cin, c_in);
-            let filters = cin * args.expand_ratio;
-            let block_in = x.clone();
-            let mut y = x.clone();
-            if args.expand_ratio != 1 {
-                let e = format!("{name}_expand_conv");
-                let (e, _) = b.conv(
-                    &vars,
-                    &y,
-                    &e,
-                    Some(&format!("{name}_expand_bn")),
-                    1,
-                    1,
-                    size,
-                )?;
-                y = b.silu(&e, &name);
-            }
-            let (d, out_size) = b.conv(
-                &vars,
-                &y,
-                &format!("{name}_dwconv"),
-                Some(&format!("{name}_bn")),
-                stride,
-                filters,
-                size,
-            )?;
-            y = b.silu(&d, &name);
-            let pooled = b.node("GlobalAveragePool", &[&y], vec![], &name);
-            let (r1, _) = b.conv(&vars, &pooled, &format!("{name}_se_reduce"), None, 1, 1, 1)?;
-            let r1 = b.silu(&r1, &name);
-            let (r2, _) = b.conv(&vars, &r1, &format!("{name}_se_expand"), None, 1, 1, 1)?;
-            let gate = b.node("Sigmoid", &[&r2], vec![], &name);
-            y = b.node("Mul", &[&y, &gate], vec![], &name);
-            let (p, _) = b.conv(
-                &vars,
-                &y,
-                &format!("{name}_project_conv"),
-                Some(&format!("{name}_project_bn")),
-                1,
-                1,
-                out_size,
-            )?;
-            x = if stride == 1 && cin == args.output_filters {
-                b.node("Add", &[&p, &block_in], vec![], &name)
-            } else {
-                p
-            };
-            size = out_size;
-            c_in = args.output_filters;
-        }
+    // Every model is built as B0 so far.
+    for spec in &Arch::B0.network().blocks {
+        (x, size) = b.block(&vars, &x, spec, size)?;
     }
     let (t, _) = b.conv(&vars, &x, "top_conv", Some("top_bn"), 1, 1, size)?;
     let t = b.silu(&t, "top");

@@ -425,6 +425,7 @@ pub fn model_and_optimizer(
     let config = TaggerConfig {
         num_classes: taxonomy.labels.len() as i64,
         drop_connect: settings.drop_connect,
+        ..Default::default()
     };
     let net = Tagger::new(&vs.root(), config);
     let uses_shadow = settings.recipe.ema.is_some() || settings.recipe.precise_bn > 0;
