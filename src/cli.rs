@@ -186,7 +186,7 @@ pub struct FitArgs {
     /// settings; --epochs, --data, --weights-dir, --device, --precision and --memory-format may
     /// be given, the other training settings may not.
     #[arg(long, conflicts_with_all = ["init", "run", "runs_dir", "taxonomy", "batch_size", "lr",
-        "seed", "val_fraction", "augment", "image_size", "drop_connect", "recipe", "lr_schedule",
+        "seed", "val_fraction", "augment", "image_size", "arch", "drop_connect", "recipe", "lr_schedule",
         "warmup_epochs", "ema", "precise_bn", "patience", "pos_weight", "freeze_backbone_epochs"])]
     pub resume: Option<PathBuf>,
     /// Run name: its folder is RUNS_DIR/<name>. Default: the next free fit, fit2, ...
@@ -251,9 +251,15 @@ pub struct FitArgs {
     /// Training augmentations.
     #[arg(long, value_enum, default_value = "original")]
     pub augment: crate::data::augment::Augment,
-    /// Input size in pixels (square), 32 to 2048.
-    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..=2048))]
-    pub image_size: u32,
+    /// Input size in pixels (square), 32 to 2048. Default: the variant's resolution (224 for
+    /// efficientnet-b0, 240 for b1, 260 for b2, 300 for b3, 380 for b4, 456 for b5, 528 for b6,
+    /// 600 for b7).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(32..=2048))]
+    pub image_size: Option<u32>,
+    /// The network: efficientnet-b0 (the original) to efficientnet-b7, wider, deeper and made
+    /// for larger inputs (see --image-size).
+    #[arg(long, default_value = "efficientnet-b0", value_parser = arch_name)]
+    pub arch: crate::model::arch::Arch,
     /// Drop-connect rate of the last block (block i of 16 uses rate * i / 16), in [0, 1).
     #[arg(long, default_value_t = 0.2, value_parser = parse_fraction, allow_negative_numbers = true)]
     pub drop_connect: f64,
@@ -346,6 +352,11 @@ fn usize_in(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> + 
 }
 
 /// A run name: one folder name, not a path.
+/// `efficientnet-b0` .. `efficientnet-b7`, through [`crate::model::arch::Arch`]'s parser.
+fn arch_name(s: &str) -> Result<crate::model::arch::Arch, String> {
+    s.parse()
+}
+
 fn run_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 200

@@ -132,7 +132,9 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 seed: args.seed,
                 val_fraction: args.val_fraction,
                 augment: args.augment,
-                image_size: args.image_size as usize,
+                image_size: args
+                    .image_size
+                    .map_or(args.arch.coefficients().resolution, |s| s as usize),
                 lr: args.lr.unwrap_or(RecipeSettings::preset_lr(args.recipe)),
                 batch_size: args.batch_size as usize,
                 epochs: args.epochs.unwrap_or(100),
@@ -140,6 +142,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
                 init: args.init,
                 precision: args.precision.unwrap_or(Precision::default_for(device)),
                 channels_last: channels_last(args.memory_format.unwrap_or(MemoryFormat::Auto)),
+                arch: args.arch,
             };
             let run_dir = match &args.run {
                 Some(name) => args.runs_dir.join(name),
@@ -276,6 +279,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
         labels: &model.taxonomy.labels,
         thresholds: &model.thresholds,
         image_size: model.image_size,
+        arch: model.net.config.arch,
     };
     match args.format {
         ExportFormat::Onnx => {

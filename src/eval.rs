@@ -472,6 +472,7 @@ fn save_thresholds(model: &LoadedModel, opts: &EvalOptions, thresholds: &[f32]) 
         best_epoch: None,
         history: Vec::new(),
         tensors_sha256: None,
+        arch: model.net.config.arch,
         settings: serde_json::json!({ "imported_from": opts.weights.display().to_string() }),
     };
     checkpoint::save(&new_path, &meta, &model.vs, &[])?;

@@ -240,6 +240,27 @@ impl fmt::Display for Arch {
     }
 }
 
+impl Arch {
+    /// True for B0, the default (a B0 checkpoint and its settings do not record the arch).
+    pub fn is_b0(&self) -> bool {
+        *self == Arch::B0
+    }
+}
+
+impl serde::Serialize for Arch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Arch {
+    /// The name, through [`Arch::from_str`]; an unknown one is an error listing the known.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Arch {
     type Err = String;
 

@@ -11,6 +11,7 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+use super::arch::Arch;
 use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
 
@@ -77,6 +78,21 @@ pub struct CheckpointMeta {
     /// SHA-256 of the tensors (names, shapes and bytes, in name order), filled in when written.
     #[serde(default)]
     pub tensors_sha256: Option<String>,
+    /// The EfficientNet variant; absent for B0 (older checkpoints are all B0), so a B0
+    /// checkpoint's bytes are those it always had.
+    #[serde(
+        default,
+        skip_serializing_if = "Arch::is_b0",
+        deserialize_with = "arch_field"
+    )]
+    pub arch: Arch,
+}
+
+/// `arch` through [`Arch`]'s parser, the error naming the field.
+fn arch_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arch, D::Error> {
+    let name = String::deserialize(d)?;
+    name.parse()
+        .map_err(|e| serde::de::Error::custom(format!("field arch: {e}")))
 }
 
 impl CheckpointMeta {

@@ -430,7 +430,9 @@ fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
                 .into_iter()
                 .map(move |(p, key)| (format!("{layer}/{p}:0"), key))
         })
-        .find(|(_, key)| missing.contains(&key));
+        .find(|(_, key)| missing.contains(&key))
+        // A variable of a block B0 lacks (the model is another variant): named by its key.
+        .or_else(|| missing.iter().min().map(|k| (k.to_string(), String::new())));
     if let Some((tensor, _)) = first_missing {
         return Err(KerasError::Missing {
             file: weights.file.clone(),
@@ -477,6 +479,16 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
         head_loaded: plan.head_loaded,
         renamed: plan.renamed,
     })
+}
+
+/// True when `error`, loading a Keras file into a model of `arch` other than B0, says the file's
+/// tensors do not fit the model: the file holds another variant (Keras files are read as B0).
+pub fn holds_other_arch(error: &KerasError, arch: Arch) -> bool {
+    !arch.is_b0()
+        && matches!(
+            error,
+            KerasError::Shape { .. } | KerasError::Unexpected { .. } | KerasError::Missing { .. }
+        )
 }
 
 /// Reads a Keras file and applies it to the model (see [`apply`]). Every tensor's name and shape
@@ -592,9 +604,14 @@ fn open_failure(reason: &str) -> String {
 /// layout. The original `multiinference.py` loads it with `model.load_weights`. Written to a
 /// temporary file and renamed into place.
 pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
+    save_variant_weights(vs, Arch::B0, path)
+}
+
+/// As [`save_weights`], for a model of the variant `arch` (its blocks' layers).
+pub fn save_variant_weights(vs: &VarStore, arch: Arch, path: &Path) -> anyhow::Result<()> {
     let vars = vs.variables();
     let layers: std::collections::HashMap<String, Vec<(String, String)>> =
-        keras_layers(vs, Arch::B0).into_iter().collect();
+        keras_layers(vs, arch).into_iter().collect();
     let write = |tmp: &Path| -> hdf5::Result<()> {
         let file = hdf5::File::create(tmp)?;
         let ascii =
@@ -606,7 +623,7 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
         };
         scalar("backend", "tensorflow")?;
         scalar("keras_version", "2.15.0")?;
-        let names = original_layer_names(Arch::B0);
+        let names = original_layer_names(arch);
         let name_values = names
             .iter()
             .map(|n| ascii(n))

@@ -121,7 +121,7 @@ impl LoadedModel {
         let config = TaggerConfig {
             num_classes: meta.taxonomy.labels.len() as i64,
             drop_connect: meta.drop_connect,
-            ..Default::default()
+            arch: meta.arch,
         };
         let mut net = Tagger::new(&vs.root(), config);
         ckpt.load_model(&vs, path)?;
@@ -177,6 +177,7 @@ impl LoadedModel {
             labels,
             thresholds: &self.thresholds,
             image_size: self.image_size,
+            arch: self.net.config.arch,
         };
         let graph = self::onnx::export(&self.vs, &meta)?;
         let threads = tch::get_num_threads().max(1) as usize;

@@ -24,6 +24,8 @@ pub struct Metadata<'a> {
     pub labels: &'a [String],
     pub thresholds: &'a [f32],
     pub image_size: usize,
+    /// The variant whose blocks the graph walks (not written into the graph's metadata).
+    pub arch: Arch,
 }
 
 /// A float variable of the VarStore: values (contiguous, row-major) and shape.
@@ -283,8 +285,7 @@ pub fn export(vs: &VarStore, meta: &Metadata) -> Result<Vec<u8>> {
     );
     let (x, mut size) = b.conv(&vars, &x, "stem_conv", Some("stem_bn"), 2, 1, s)?;
     let mut x = b.silu(&x, "stem");
-    // Every model is built as B0 so far.
-    for spec in &Arch::B0.network().blocks {
+    for spec in &meta.arch.network().blocks {
         (x, size) = b.block(&vars, &x, spec, size)?;
     }
     let (t, _) = b.conv(&vars, &x, "top_conv", Some("top_bn"), 1, 1, size)?;

@@ -22,6 +22,7 @@ use crate::data::split::{self, split_indices};
 use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
 use crate::metrics::{self, Counts};
+use crate::model::arch::Arch;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
 use crate::model::efficientnet::{Tagger, TaggerConfig};
 use crate::model::{is_hdf5, keras, DEFAULT_INFER_THRESHOLD};
@@ -67,6 +68,9 @@ pub struct FitSettings {
     /// the machine, not of the run: not saved.
     #[serde(skip)]
     pub cache_dir: Option<PathBuf>,
+    /// The EfficientNet variant; not written for B0, so a B0 run's settings are as before.
+    #[serde(default, skip_serializing_if = "Arch::is_b0")]
+    pub arch: Arch,
 }
 
 fn one() -> usize {
@@ -352,15 +356,26 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 
 /// Loads `--init`: a Keras HDF5 file (full, weights-only or backbone-only) or one of our
 /// checkpoints with the same labels.
-fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy) -> Result<String> {
+fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy, arch: Arch) -> Result<String> {
     if !path.is_file() {
         bail!("--init {}: no such file", path.display());
     }
     if is_hdf5(path) {
-        let report = keras::load(path, vs).with_context(|| format!("--init {}", path.display()))?;
+        let report =
+            keras::load(path, vs).map_err(|e| match keras::holds_other_arch(&e, arch) {
+                true => other_variant(path, taxonomy, arch, e),
+                false => anyhow::Error::new(e).context(format!("--init {}", path.display())),
+            })?;
         return Ok(report.to_string());
     }
     let ckpt = Checkpoint::read(path).with_context(|| format!("--init {}", path.display()))?;
+    if ckpt.meta.arch != arch {
+        bail!(
+            "--init {}: a {} checkpoint; this run builds {arch}",
+            path.display(),
+            ckpt.meta.arch
+        );
+    }
     if ckpt.meta.taxonomy.labels != taxonomy.labels {
         bail!(
             "--init {}: its labels ({}) differ from this dataset's ({})",
@@ -371,6 +386,30 @@ fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy) -> Result<Stri
     }
     ckpt.load_model(vs, path)?;
     Ok(format!("trainer checkpoint, epoch {}", ckpt.meta.epoch))
+}
+
+/// The error of a Keras `--init` file whose tensors do not fit the run's `arch`: it names B0 when
+/// the file fits a B0 tagger (Keras files are read as B0 so far), another variant otherwise.
+fn other_variant(
+    path: &Path,
+    taxonomy: &Taxonomy,
+    arch: Arch,
+    e: keras::KerasError,
+) -> anyhow::Error {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let config = TaggerConfig {
+        num_classes: taxonomy.labels.len() as i64,
+        ..Default::default()
+    };
+    let _net = Tagger::new(&vs.root(), config);
+    let held = match keras::load(path, &vs) {
+        Ok(_) => format!("{} weights", Arch::B0),
+        Err(_) => "another variant".to_string(),
+    };
+    anyhow::anyhow!(
+        "--init {}: the Keras file holds {held}, not {arch} (--arch): its tensors do not fit ({e})",
+        path.display()
+    )
 }
 
 /// The model being trained, its optimizer, and the weights that are validated when the recipe
@@ -425,7 +464,7 @@ pub fn model_and_optimizer(
     let config = TaggerConfig {
         num_classes: taxonomy.labels.len() as i64,
         drop_connect: settings.drop_connect,
-        ..Default::default()
+        arch: settings.arch,
     };
     let net = Tagger::new(&vs.root(), config);
     let uses_shadow = settings.recipe.ema.is_some() || settings.recipe.precise_bn > 0;
@@ -437,7 +476,7 @@ pub fn model_and_optimizer(
             false => prev.load_model(&vs, file)?,
         }
     } else if let Some(init) = &settings.init {
-        let report = load_init(init, &vs, taxonomy)?;
+        let report = load_init(init, &vs, taxonomy, settings.arch)?;
         say!("init: {report}");
     } else {
         say!(
@@ -998,6 +1037,7 @@ fn finish_epoch(
         settings: serde_json::to_value(settings)?,
         history: record.history.clone(),
         tensors_sha256: None,
+        arch: settings.arch,
     };
     let state = model.extra_tensors();
     let last_path = run_dir.join(LAST);
@@ -1012,7 +1052,7 @@ fn finish_epoch(
             Some(v) => format!("val_loss{v:.3}.hdf5"),
             None => format!("loss{:.3}.hdf5", trained.loss),
         };
-        keras::save_weights(used_vs, &settings.weights_dir.join(name))
+        keras::save_variant_weights(used_vs, settings.arch, &settings.weights_dir.join(name))
             .with_context(|| format!("epoch {epoch} is checkpointed in {}", last_path.display()))?;
     }
     print_epoch(
@@ -1372,6 +1412,7 @@ mod tests {
             recipe: Default::default(),
             accumulate: 1,
             cache_dir: None,
+            arch: Default::default(),
         };
         let Model { vs, adam, .. } =
             model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu, true).unwrap();

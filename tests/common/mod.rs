@@ -154,5 +154,6 @@ pub fn checkpoint_meta(
         settings: serde_json::json!({}),
         history: Vec::new(),
         tensors_sha256: None,
+        arch: Default::default(),
     }
 }

@@ -1,0 +1,227 @@
+//! `fit --arch`: EfficientNet variants other than B0, trained, checkpointed, resumed, run on both
+//! CPU engines and exported; B0 checkpoints stay as they were.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use tch::{nn, Device};
+use trainer::model::arch::Arch;
+use trainer::model::checkpoint::Checkpoint;
+use trainer::model::efficientnet::{Tagger, TaggerConfig};
+use trainer::model::keras;
+use trainer::train::fit::LAST;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
+}
+
+/// Runs `trainer <args>` in `dir`.
+fn run(dir: &Path, args: &[&str]) -> Output {
+    common::trainer()
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    let err = stderr(&out);
+    assert!(out.status.success(), "failed:\n{err}");
+    err
+}
+
+/// A small CPU run named `run` of `epochs` epochs with the extra `args`.
+fn fit(dir: &Path, run_name: &str, epochs: &str, args: &[&str]) -> Output {
+    let data = data();
+    let mut all = vec![
+        "fit",
+        "--device",
+        "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--run",
+        run_name,
+        "--epochs",
+        epochs,
+        "--image-size",
+        "32",
+        "--augment",
+        "none",
+        "--batch-size",
+        "12",
+    ];
+    all.extend_from_slice(args);
+    run(dir, &all)
+}
+
+/// The trainer metadata of a checkpoint, as JSON.
+fn raw_meta(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let text = &header.metadata().as_ref().unwrap()["trainer"];
+    serde_json::from_str(text).unwrap()
+}
+
+/// `infer` with `--engine engine`, which must report running on `shown`.
+fn infer(dir: &Path, weights: &Path, out: &str, engine: &str, shown: &str) -> PathBuf {
+    let input = common::sample().join("labelled");
+    let w = weights.to_str().unwrap();
+    let i = input.to_str().unwrap();
+    let args = [
+        "infer",
+        "--device",
+        "cpu",
+        "--weights",
+        w,
+        "--input",
+        i,
+        "--output",
+        out,
+        "--engine",
+        engine,
+    ];
+    let err = ok(run(dir, &args));
+    assert!(err.contains(&format!("fp32 on {shown}")), "{err}");
+    dir.join(out)
+}
+
+fn same_files(a: &Path, b: &Path) {
+    let names = common::file_names(a);
+    assert!(!names.is_empty());
+    assert_eq!(names, common::file_names(b));
+    for name in names {
+        let (x, y) = (std::fs::read(a.join(&name)), std::fs::read(b.join(&name)));
+        assert_eq!(x.unwrap(), y.unwrap(), "{name} differs");
+    }
+}
+
+#[test]
+fn a_b1_run_records_its_arch_runs_on_both_engines_exports_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(fit(d, "b1", "1", &["--arch", "efficientnet-b1"]));
+    let last = d.join("runs/b1").join(LAST);
+    let ckpt = Checkpoint::read(&last).unwrap();
+    assert_eq!(ckpt.meta.arch, Arch::B1);
+    assert_eq!(raw_meta(&last)["settings"]["arch"], "efficientnet-b1");
+    // B1 has 23 blocks (B0 16): block2c is one of B1's own.
+    assert!(ckpt.tensors.keys().any(|k| k.starts_with("model.block2c_")));
+
+    // The Keras weights of the best epoch hold B1's layers and load into a B1 tagger.
+    let weights: Vec<_> = std::fs::read_dir(d.join("weights_pdm_multi"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(weights.len(), 1, "{weights:?}");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let config = TaggerConfig {
+        arch: Arch::B1,
+        ..Default::default()
+    };
+    let _net = Tagger::new(&vs.root(), config);
+    let report = keras::load(&weights[0], &vs).unwrap();
+    assert!(report.head_loaded);
+    assert_eq!(report.applied, vs.variables().len());
+
+    let torch = infer(d, &last, "torch", "torch", "libtorch");
+    let ort = infer(d, &last, "ort", "onnxruntime", "onnxruntime");
+    same_files(&torch, &ort);
+
+    let onnx = d.join("b1.onnx");
+    let out = run(
+        d,
+        &[
+            "export",
+            "--format",
+            "onnx",
+            "--weights",
+            last.to_str().unwrap(),
+            "--output",
+            onnx.to_str().unwrap(),
+        ],
+    );
+    ok(out);
+    assert!(std::fs::metadata(&onnx).unwrap().len() > 1_000_000);
+
+    // A resume keeps the run's arch and refuses another.
+    let resume = [
+        "fit", "--device", "cpu", "--resume", "runs/b1", "--epochs", "2",
+    ];
+    let mut other = resume.to_vec();
+    other.extend(["--arch", "efficientnet-b3"]);
+    let out = run(d, &other);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--arch"), "{}", stderr(&out));
+    ok(run(d, &resume));
+    let resumed = Checkpoint::read(&last).unwrap();
+    assert_eq!((resumed.meta.epoch, resumed.meta.arch), (2, Arch::B1));
+
+    // An unknown architecture in the metadata is refused, naming the file and the field.
+    let bytes = std::fs::read(&last).unwrap();
+    let from = br#"\"arch\":\"efficientnet-b1\""#;
+    let to = br#"\"arch\":\"efficientnet-b9\""#;
+    // The last one: the checkpoint's own field (the first is that of the settings).
+    let at = bytes.windows(from.len()).rposition(|w| w == from).unwrap();
+    let mut edited = bytes.clone();
+    edited[at..at + to.len()].copy_from_slice(to);
+    let b9 = d.join("b9.ckpt");
+    std::fs::write(&b9, edited).unwrap();
+    let input = common::sample().join("labelled");
+    let w = b9.to_str().unwrap();
+    let args = ["infer", "--device", "cpu", "--weights", w, "--input"];
+    let out = run(
+        d,
+        &[&args[..], &[input.to_str().unwrap(), "--output", "b9"]].concat(),
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(w) && err.contains("field arch"), "{err}");
+    assert!(err.contains("efficientnet-b9"), "{err}");
+    assert!(!d.join("b9").exists());
+}
+
+#[test]
+fn a_b3_run_records_its_arch() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(fit(dir.path(), "b3", "1", &["--arch", "efficientnet-b3"]));
+    let ckpt = Checkpoint::read(&dir.path().join("runs/b3").join(LAST)).unwrap();
+    assert_eq!(ckpt.meta.arch, Arch::B3);
+    // B3's stem has 40 filters (B0 32).
+    assert_eq!(ckpt.tensors["model.stem_conv.weight"].size()[0], 40);
+}
+
+#[test]
+fn a_b0_checkpoint_does_not_record_the_arch() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(fit(dir.path(), "b0", "1", &[]));
+    let meta = raw_meta(&dir.path().join("runs/b0").join(LAST));
+    assert!(meta.get("arch").is_none(), "{meta}");
+    assert!(meta["settings"].get("arch").is_none(), "{meta}");
+    assert!(meta["settings"].get("image_size").is_some(), "{meta}");
+}
+
+#[test]
+fn a_b0_keras_file_is_refused_as_init_of_another_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let notop = common::oracle().join("b0_notop_weights.h5");
+    let args = [
+        "--arch",
+        "efficientnet-b1",
+        "--init",
+        notop.to_str().unwrap(),
+    ];
+    let out = fit(dir.path(), "b1", "1", &args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(notop.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("holds efficientnet-b0 weights, not efficientnet-b1"),
+        "{err}"
+    );
+}
