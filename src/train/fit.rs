@@ -478,10 +478,12 @@ pub fn model_and_optimizer(
     } else if let Some(init) = &settings.init {
         let report = load_init(init, &vs, taxonomy, settings.arch)?;
         say!("init: {report}");
-    } else {
+    } else if settings.arch.is_b0() {
         say!(
             "warning: training from random weights; to start from ImageNet, pass --init with the Keras EfficientNet-B0 \"notop\" file (efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5)"
         );
+    } else {
+        say!("warning: training {} from random weights", settings.arch);
     }
     if settings.channels_last {
         amp::vars_to_channels_last(&vs);
