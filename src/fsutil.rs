@@ -24,7 +24,7 @@ const TMP: &str = ".tmp";
 const TMP_LOCK: &str = ".tmp.lock";
 
 /// The user this process runs as (who owns what it writes).
-pub fn euid() -> u32 {
+fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -33,6 +33,11 @@ pub fn euid() -> u32 {
 /// someone's file, not a device or a pipe).
 fn is_own_file(meta: &std::fs::Metadata, single_name: bool) -> bool {
     meta.file_type().is_file() && meta.uid() == euid() && (!single_name || meta.nlink() == 1)
+}
+
+/// Whether `path` itself (not what a link there points to) is a plain file of this user.
+pub fn is_own_path(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| is_own_file(&m, false))
 }
 
 /// Opens `path` for reading without following a symbolic link, and only if it is a plain file of

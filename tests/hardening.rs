@@ -369,7 +369,7 @@ fn nan_weights_are_refused_naming_the_file_and_tensor() {
     poison(&vs);
     let h5 = dir.path().join("nan.hdf5");
     common::write_hdf5_for_child(&h5, |scratch| {
-        trainer::model::keras::save_weights(&vs, scratch).unwrap()
+        trainer::model::keras::save_weights(&vs, trainer::model::arch::Arch::B0, scratch).unwrap()
     });
     let out = infer(dir.path(), &h5, &input, &[]);
     let err = stderr(&out);

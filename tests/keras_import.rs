@@ -157,7 +157,7 @@ fn exported_weights_read_back_identically_with_the_oracle_layout() {
     keras::load(&common::oracle().join("ndl_b0_weights.h5"), &vs).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("val_loss0.123.hdf5");
-    keras::save_weights(&vs, &out).unwrap();
+    keras::save_weights(&vs, trainer::model::arch::Arch::B0, &out).unwrap();
     // Same layer_names and weight_names as the file real Keras wrote.
     let ours = hdf5::File::open(&out).unwrap();
     let theirs = hdf5::File::open(common::oracle().join("ndl_b0_weights.h5")).unwrap();

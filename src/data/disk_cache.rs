@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -246,10 +246,6 @@ fn remove_unused(dir: &Path, keep: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let own = |p: &Path| {
-        std::fs::symlink_metadata(p)
-            .is_ok_and(|m| m.file_type().is_file() && m.uid() == crate::fsutil::euid())
-    };
     for entry in entries.flatten() {
         let path = entry.path();
         let Some(name) = path.file_name().and_then(|s| s.to_str()) else {
@@ -272,7 +268,7 @@ fn remove_unused(dir: &Path, keep: &str) {
             continue;
         }
         for p in [dir.join(format!("{key}.pixels")), lock_path, path] {
-            if own(&p) {
+            if crate::fsutil::is_own_path(&p) {
                 let _ = std::fs::remove_file(&p);
             }
         }

@@ -602,13 +602,8 @@ fn open_failure(reason: &str) -> String {
 /// Writes the model as a Keras legacy HDF5 weights file, the layout of `model.save_weights`:
 /// `layer_names` at the root, one group per layer with its `weight_names`, tensors in Keras
 /// layout. The original `multiinference.py` loads it with `model.load_weights`. Written to a
-/// temporary file and renamed into place.
-pub fn save_weights(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
-    save_variant_weights(vs, Arch::B0, path)
-}
-
-/// As [`save_weights`], for a model of the variant `arch` (its blocks' layers).
-pub fn save_variant_weights(vs: &VarStore, arch: Arch, path: &Path) -> anyhow::Result<()> {
+/// temporary file and renamed into place. `arch` is the model's variant (its blocks' layers).
+pub fn save_weights(vs: &VarStore, arch: Arch, path: &Path) -> anyhow::Result<()> {
     let vars = vs.variables();
     let layers: std::collections::HashMap<String, Vec<(String, String)>> =
         keras_layers(vs, arch).into_iter().collect();

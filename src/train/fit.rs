@@ -1054,7 +1054,7 @@ fn finish_epoch(
             Some(v) => format!("val_loss{v:.3}.hdf5"),
             None => format!("loss{:.3}.hdf5", trained.loss),
         };
-        keras::save_variant_weights(used_vs, settings.arch, &settings.weights_dir.join(name))
+        keras::save_weights(used_vs, settings.arch, &settings.weights_dir.join(name))
             .with_context(|| format!("epoch {epoch} is checkpointed in {}", last_path.display()))?;
     }
     print_epoch(
