@@ -35,6 +35,15 @@ fn is_own_file(meta: &std::fs::Metadata, single_name: bool) -> bool {
     meta.file_type().is_file() && meta.uid() == euid() && (!single_name || meta.nlink() == 1)
 }
 
+/// The text of `path`, at most `max` bytes; `Ok(None)` when the file is larger (the caller names
+/// its limit). No more than `max + 1` bytes are ever read.
+pub fn read_text_bounded(path: &Path, max: u64) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut text = String::new();
+    File::open(path)?.take(max + 1).read_to_string(&mut text)?;
+    Ok((text.len() as u64 <= max).then_some(text))
+}
+
 /// Whether `path` itself (not what a link there points to) is a plain file of this user.
 pub fn is_own_path(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| is_own_file(&m, false))

@@ -42,21 +42,15 @@ pub fn tag_folders(root: &Path) -> Result<Vec<String>> {
 /// Reads a taxonomy file: `{"labels": [...], "folders": {"<folder>": ["<label>", ...]}}`, at most
 /// [`taxonomy::MAX_FILE_BYTES`], checked by [`Taxonomy::validate`]. Every error names the file.
 pub fn read_taxonomy(path: &Path) -> Result<Taxonomy> {
-    use std::io::Read;
     let shown = path.display();
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| {
-            f.take(taxonomy::MAX_FILE_BYTES + 1)
-                .read_to_string(&mut text)
-        })
-        .with_context(|| format!("cannot read taxonomy {shown}"))?;
-    if text.len() as u64 > taxonomy::MAX_FILE_BYTES {
+    let Some(text) = crate::fsutil::read_text_bounded(path, taxonomy::MAX_FILE_BYTES)
+        .with_context(|| format!("cannot read taxonomy {shown}"))?
+    else {
         bail!(
             "{shown}: larger than any taxonomy (limit {} bytes)",
             taxonomy::MAX_FILE_BYTES
         );
-    }
+    };
     let t: Taxonomy = serde_json::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
             "{shown}: not a taxonomy ({e}; expected {{\"labels\": [...], \"folders\": {{...}}}})"

@@ -136,19 +136,14 @@ pub fn val_list_entry(root: &std::path::Path, path: &std::path::Path) -> String 
 /// file named in every error.
 pub fn read_val_list(path: &std::path::Path) -> anyhow::Result<std::collections::HashSet<String>> {
     use anyhow::Context;
-    use std::io::Read;
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut text = String::new();
-    file.take(MAX_VAL_LIST_BYTES + 1)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read {} (not a text file?)", path.display()))?;
-    if text.len() as u64 > MAX_VAL_LIST_BYTES {
-        anyhow::bail!(
-            "{} is larger than {MAX_VAL_LIST_BYTES} bytes",
-            path.display()
-        );
-    }
+    let text = crate::fsutil::read_text_bounded(path, MAX_VAL_LIST_BYTES)
+        .with_context(|| format!("cannot read {} (not a text file?)", path.display()))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is larger than {MAX_VAL_LIST_BYTES} bytes",
+                path.display()
+            )
+        })?;
     Ok(text
         .lines()
         .filter(|l| !l.is_empty())
