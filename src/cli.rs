@@ -51,6 +51,10 @@ pub struct ExportArgs {
     /// The file to write (its folder must exist); written atomically.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
+    /// Input size in pixels (square), 32 to 2048. Default: the checkpoint's; for a Keras file,
+    /// the resolution of the variant it holds (224 for efficientnet-b0, 240 for b1, ... 600 for b7).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(32..=2048))]
+    pub image_size: Option<u32>,
 }
 
 /// `export --format`.
@@ -124,6 +128,10 @@ pub struct EvalArgs {
     /// The model: a trainer checkpoint or a Keras HDF5 file (NDL labels).
     #[arg(long, short = 'w')]
     pub weights: PathBuf,
+    /// Input size in pixels (square), 32 to 2048. Default: the checkpoint's; for a Keras file,
+    /// the resolution of the variant it holds (224 for efficientnet-b0, 240 for b1, ... 600 for b7).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(32..=2048))]
+    pub image_size: Option<u32>,
     /// Labelled dataset: one folder per tag, expanded with the model's taxonomy.
     #[arg(long, default_value = "datasetpdm")]
     pub data: PathBuf,
@@ -377,6 +385,10 @@ pub struct InferArgs {
     /// weights_pdm_multi/*.hdf5 file) or a trainer checkpoint (runs/<run>/best.ckpt).
     #[arg(long, short = 'w')]
     pub weights: PathBuf,
+    /// Input size in pixels (square), 32 to 2048. Default: the checkpoint's; for a Keras file,
+    /// the resolution of the variant it holds (224 for efficientnet-b0, 240 for b1, ... 600 for b7).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(32..=2048))]
+    pub image_size: Option<u32>,
     /// Folder of images: each subfolder <PID>/ gives OUTPUT/<PID>.json; images directly inside go
     /// to a file named after the folder.
     #[arg(long, short = 'i')]

@@ -18,11 +18,12 @@ use crate::train::recipe::RecipeSettings;
 /// The model of `infer` and `eval`, in fp32 unless another precision is asked for.
 fn load_model(
     weights: &std::path::Path,
+    image_size: Option<u32>,
     device: tch::Device,
     precision: Option<Precision>,
     engine: crate::model::Engine,
 ) -> Result<crate::model::LoadedModel> {
-    let mut model = load_for_inference(weights, device)?;
+    let mut model = load_for_inference(weights, device, image_size)?;
     model.precision = precision.unwrap_or(Precision::Fp32);
     if let Some(note) = model.choose_engine(engine)? {
         crate::errln!("note: {note}");
@@ -39,7 +40,13 @@ fn load_model(
 /// `trainer infer`.
 pub fn infer(args: InferArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let model = load_model(&args.weights, device, args.precision, args.engine)?;
+    let model = load_model(
+        &args.weights,
+        args.image_size,
+        device,
+        args.precision,
+        args.engine,
+    )?;
     let opts = InferOptions {
         input: args.input,
         output: args.output,
@@ -207,7 +214,13 @@ const REPORT_REVIEW: usize = 12;
 /// `trainer eval`.
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let device = args.device.resolve()?;
-    let model = load_model(&args.weights, device, args.precision, args.engine)?;
+    let model = load_model(
+        &args.weights,
+        args.image_size,
+        device,
+        args.precision,
+        args.engine,
+    )?;
     let output = args.output.clone().unwrap_or_else(|| {
         args.weights
             .parent()
@@ -272,7 +285,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
             folder.display()
         );
     }
-    let mut model = load_for_inference(&args.weights, tch::Device::Cpu)?;
+    let mut model = load_for_inference(&args.weights, tch::Device::Cpu, args.image_size)?;
     // Weights become constants of the exported graph.
     model.vs.freeze();
     let meta = crate::model::onnx::Metadata {

@@ -125,7 +125,7 @@ fn a_b1_run_records_its_arch_runs_on_both_engines_exports_and_resumes() {
         ..Default::default()
     };
     let _net = Tagger::new(&vs.root(), config);
-    let report = keras::load(&weights[0], &vs).unwrap();
+    let report = keras::load(&weights[0], &vs, Arch::B1).unwrap();
     assert!(report.head_loaded);
     assert_eq!(report.applied, vs.variables().len());
 

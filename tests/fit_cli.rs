@@ -8,6 +8,7 @@ use std::process::Output;
 use tch::{Device, Tensor};
 use trainer::data::dataset;
 use trainer::metrics;
+use trainer::model::arch::Arch;
 use trainer::model::{keras, LoadedModel};
 
 fn data() -> PathBuf {
@@ -132,7 +133,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
     // The Keras file into a fresh model at the run's input size.
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let net = trainer::model::efficientnet::Tagger::new(&vs.root(), Default::default());
-    let report = keras::load(&hdf5, &vs).unwrap();
+    let report = keras::load(&hdf5, &vs, Arch::B0).unwrap();
     assert!(report.head_loaded);
     let from_keras = LoadedModel {
         vs,

@@ -89,21 +89,36 @@ fn assert_same_json(ours: &Value, theirs: &Value, file: &str) {
 
 #[test]
 fn infer_reproduces_the_original_json() {
-    let out = tempfile::tempdir().unwrap();
     let weights = common::oracle().join("ndl_b0_model.hdf5");
+    reproduces_the_original_json(&common::oracle(), &weights, &[]);
+}
+
+#[test]
+fn infer_of_a_keras_b1_file_reproduces_the_original_json_at_240_on_both_engines() {
+    let weights = common::oracle_b1().join("ndl_b1_weights.h5");
+    for engine in ["torch", "onnxruntime"] {
+        reproduces_the_original_json(&common::oracle_b1(), &weights, &["--engine", engine]);
+    }
+}
+
+/// `infer` of the sample's books and labelled images with `weights` writes the JSON files the
+/// original batch tagger wrote (the oracle folder's `multiinference/`), and nothing else.
+fn reproduces_the_original_json(oracle: &Path, weights: &Path, args: &[&str]) {
+    let out = tempfile::tempdir().unwrap();
     for input in ["books", "labelled"] {
         let status = common::trainer()
             .args(["infer", "--device", "cpu", "--weights"])
-            .arg(&weights)
+            .arg(weights)
             .arg("--input")
             .arg(common::sample().join(input))
             .arg("--output")
             .arg(out.path())
+            .args(args)
             .status()
             .unwrap();
         assert!(status.success());
     }
-    let expected_dir = common::oracle().join("multiinference");
+    let expected_dir = oracle.join("multiinference");
     let mut n = 0;
     for entry in std::fs::read_dir(&expected_dir).unwrap() {
         let path = entry.unwrap().path();

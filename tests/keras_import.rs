@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Tensor};
+use trainer::model::arch::Arch;
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
 use trainer::model::keras::{self, KerasError};
 
@@ -57,7 +58,7 @@ fn edited(name: &str, edit: impl FnOnce(&hdf5::Group)) -> (tempfile::TempDir, Pa
 fn wrong_number_of_classes_names_the_head_kernel() {
     let (vs, _net) = model(5);
     let before = snapshot(&vs);
-    let err = keras::load(&common::oracle().join("ndl_b0_model.hdf5"), &vs).unwrap_err();
+    let err = keras::load(&common::oracle().join("ndl_b0_model.hdf5"), &vs, Arch::B0).unwrap_err();
     match &err {
         KerasError::Shape {
             tensor,
@@ -82,7 +83,7 @@ fn wrong_number_of_classes_names_the_head_kernel() {
 fn backbone_only_file_leaves_the_head_and_says_so() {
     let (vs, _net) = model(11);
     let head_before = vs.variables()["dense_2.weight"].copy();
-    let report = keras::load(&common::oracle().join("b0_notop_weights.h5"), &vs).unwrap();
+    let report = keras::load(&common::oracle().join("b0_notop_weights.h5"), &vs, Arch::B0).unwrap();
     assert!(!report.head_loaded);
     assert_eq!(report.applied, 309);
     assert!(report.to_string().contains("backbone only"));
@@ -107,7 +108,7 @@ fn a_missing_tensor_is_named() {
     });
     let (vs, _net) = model(11);
     let before = snapshot(&vs);
-    let err = keras::load(&path, &vs).unwrap_err();
+    let err = keras::load(&path, &vs, Arch::B0).unwrap_err();
     assert!(matches!(err, KerasError::Missing { .. }), "{err}");
     assert!(
         err.to_string()
@@ -125,7 +126,7 @@ fn a_tensor_of_the_wrong_shape_is_named() {
         g.new_dataset::<f32>().shape(7).create("bias:0").unwrap();
     });
     let (vs, _net) = model(11);
-    let err = keras::load(&path, &vs).unwrap_err().to_string();
+    let err = keras::load(&path, &vs, Arch::B0).unwrap_err().to_string();
     assert!(
         err.contains("block2a_se_reduce/block2a_se_reduce/bias:0") && err.contains("[7]"),
         "{err}"
@@ -143,21 +144,21 @@ fn a_file_without_layer_names_is_not_keras() {
         .create("x")
         .unwrap();
     let (vs, _net) = model(11);
-    let err = keras::load(&path, &vs).unwrap_err().to_string();
+    let err = keras::load(&path, &vs, Arch::B0).unwrap_err().to_string();
     assert!(
         err.contains("other.h5") && err.contains("not a Keras weights file"),
         "{err}"
     );
-    assert!(keras::load(Path::new("/nonexistent.h5"), &vs).is_err());
+    assert!(keras::load(Path::new("/nonexistent.h5"), &vs, Arch::B0).is_err());
 }
 
 #[test]
 fn exported_weights_read_back_identically_with_the_oracle_layout() {
     let (vs, _net) = model(11);
-    keras::load(&common::oracle().join("ndl_b0_weights.h5"), &vs).unwrap();
+    keras::load(&common::oracle().join("ndl_b0_weights.h5"), &vs, Arch::B0).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("val_loss0.123.hdf5");
-    keras::save_weights(&vs, trainer::model::arch::Arch::B0, &out).unwrap();
+    keras::save_weights(&vs, Arch::B0, &out).unwrap();
     // Same layer_names and weight_names as the file real Keras wrote.
     let ours = hdf5::File::open(&out).unwrap();
     let theirs = hdf5::File::open(common::oracle().join("ndl_b0_weights.h5")).unwrap();

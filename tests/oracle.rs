@@ -5,6 +5,7 @@ mod common;
 
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use trainer::data::decode::load_resized;
+use trainer::model::arch::Arch;
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
 use trainer::model::keras::{self, KerasLayout};
 
@@ -14,13 +15,24 @@ fn oracle_inputs() -> Tensor {
 
 #[test]
 fn resize_equals_opencv_byte_for_byte() {
-    let expected = oracle_inputs();
-    assert_eq!(expected.size(), [96, 224, 224, 3]);
-    let images = common::oracle_images();
+    resize_equals(&common::oracle(), "inputs_224_bgr_u8.npy", 224);
+}
+
+#[test]
+fn resize_to_b1s_240_equals_opencv_byte_for_byte() {
+    resize_equals(&common::oracle_b1(), "inputs_240_bgr_u8.npy", 240);
+}
+
+/// Our resize of the oracle's images to `size` equals what `cv2.resize` gave Keras.
+fn resize_equals(oracle: &std::path::Path, inputs: &str, size: usize) {
+    let expected = Tensor::read_npy(oracle.join(inputs)).expect("inputs npy");
+    let s = size as i64;
+    assert_eq!(expected.size(), [96, s, s, 3]);
+    let images = common::oracle_images_of(oracle);
     assert_eq!(images.len(), 96);
     let mut bad = Vec::new();
     for (i, path) in images.iter().enumerate() {
-        let ours = load_resized(path, 224).expect("decodes");
+        let ours = load_resized(path, size).expect("decodes");
         let theirs = Vec::<u8>::try_from(expected.get(i as i64).flatten(0, -1)).unwrap();
         let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
         if differing > 0 {
@@ -46,7 +58,7 @@ fn resize_equals_opencv_byte_for_byte() {
 fn probs_from(file: &str) -> (Tensor, keras::ImportReport) {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Tagger::new(&vs.root(), TaggerConfig::default());
-    let report = keras::load(&common::oracle().join(file), &vs).expect("loads");
+    let report = keras::load(&common::oracle().join(file), &vs, Arch::B0).expect("loads");
     let x = oracle_inputs().permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
     let probs = tch::no_grad(|| {
         Tensor::cat(
@@ -97,6 +109,54 @@ fn the_inference_model_gives_oracle_probabilities() {
     let probs = model.predict(&bytes, 96).unwrap();
     let diff = max_abs_diff_to_oracle(&Tensor::from_slice(&probs).view([96, 11]));
     assert!(diff < 1e-4, "max abs difference to probs.npy: {diff}");
+}
+
+#[test]
+fn a_keras_b1_file_is_read_as_b1_at_240_and_gives_keras_probabilities_on_both_engines() {
+    use trainer::model::{Engine, LoadedModel};
+    let dir = common::oracle_b1();
+    let inputs = Tensor::read_npy(dir.join("inputs_240_bgr_u8.npy")).unwrap();
+    let expected = Tensor::read_npy(dir.join("probs.npy")).unwrap();
+    let bytes = Vec::<u8>::try_from(inputs.flatten(0, -1)).unwrap();
+    let file = "ndl_b1_weights.h5";
+    for engine in [Engine::Onnxruntime, Engine::Torch] {
+        let mut model = LoadedModel::load(&dir.join(file), Device::Cpu).unwrap();
+        assert_eq!(model.net.config.arch, Arch::B1);
+        assert_eq!(model.image_size, 240);
+        assert!(
+            model
+                .description
+                .contains("Keras weights of efficientnet-b1: "),
+            "{}",
+            model.description
+        );
+        assert_eq!(model.choose_engine(engine).unwrap(), None);
+        let probs = model.predict(&bytes, 96).unwrap();
+        let diff = (Tensor::from_slice(&probs).view([96, 11]) - &expected)
+            .abs()
+            .max()
+            .double_value(&[]);
+        eprintln!("{file} on {engine:?}: max abs difference to Keras {diff:.3e}");
+        assert!(diff < 1e-4, "{file} on {engine:?}: {diff}");
+    }
+}
+
+#[test]
+fn a_b1_backbone_file_is_recognised_but_cannot_tag() {
+    let notop = common::oracle_b1().join("b1_notop_weights.h5");
+    assert_eq!(keras::variant(&notop).unwrap(), Arch::B1);
+    let err = trainer::model::LoadedModel::load(&notop, Device::Cpu)
+        .err()
+        .expect("a backbone cannot tag")
+        .to_string();
+    assert!(err.contains("holds only the backbone"), "{err}");
+    for (file, arch) in [
+        ("ndl_b0_model.hdf5", Arch::B0),
+        ("ndl_b0_weights.h5", Arch::B0),
+        ("b0_notop_weights.h5", Arch::B0),
+    ] {
+        assert_eq!(keras::variant(&common::oracle().join(file)).unwrap(), arch);
+    }
 }
 
 #[test]

@@ -466,7 +466,8 @@ mod tests {
             ..Default::default()
         };
         let net = Tagger::new(&vs.root(), config);
-        let report = super::super::keras::load(&keras_b1_file(), &vs).expect("the B1 file loads");
+        let report =
+            super::super::keras::load(&keras_b1_file(), &vs, Arch::B1).expect("the B1 file loads");
         assert!(report.head_loaded);
         assert_eq!(report.applied, vs.variables().len());
         assert!(report.renamed.is_empty());
@@ -490,6 +491,11 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(super::super::keras::load(&keras_b1_file(), &b0).is_err());
+        let err = super::super::keras::load(&keras_b1_file(), &b0, Arch::B0).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("holds efficientnet-b1 weights, not efficientnet-b0"),
+            "{err}"
+        );
     }
 }

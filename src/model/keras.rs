@@ -38,13 +38,19 @@ pub enum KerasError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("{file}: unexpected tensor {tensor}: the model has no such parameter (is this an EfficientNet-B0 tagger?)")]
+    #[error("{file}: unexpected tensor {tensor}: the model has no such parameter (is this an EfficientNet tagger?)")]
     Unexpected { file: String, tensor: String },
     #[error("{file}: missing tensor {tensor} ({count} of the model's tensors are absent)")]
     Missing {
         file: String,
         tensor: String,
         count: usize,
+    },
+    #[error("{file}: holds {held} weights, not {model} (the model's variant)")]
+    Variant {
+        file: String,
+        held: Arch,
+        model: Arch,
     },
     #[error("{file}: cannot write: {reason}")]
     Write { file: String, reason: String },
@@ -83,6 +89,8 @@ pub struct KerasWeights {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImportReport {
     pub layout: KerasLayout,
+    /// The variant the file holds (that of the model it was loaded into).
+    pub arch: Arch,
     /// Tensors copied into the model.
     pub applied: usize,
     /// False for a backbone-only file: the head keeps its initial values.
@@ -97,7 +105,11 @@ impl std::fmt::Display for ImportReport {
             KerasLayout::FullModel => "Keras full model",
             KerasLayout::WeightsOnly => "Keras weights",
         };
-        write!(f, "{layout}: {} tensors loaded", self.applied)?;
+        write!(f, "{layout}")?;
+        if !self.arch.is_b0() {
+            write!(f, " of {}", self.arch)?;
+        }
+        write!(f, ": {} tensors loaded", self.applied)?;
         if !self.head_loaded {
             write!(
                 f,
@@ -372,10 +384,67 @@ fn torch_shape(shape: &[usize], param: &str) -> Vec<i64> {
     }
 }
 
-/// Checks Keras tensors (their names and shapes only) against a model: every tensor must be a
-/// parameter of the model with its shape, none twice, none missing (but the whole head, for a
-/// backbone-only file).
-fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
+/// The variant whose backbone a file's tensors describe: the one whose block names differ least
+/// from the file's (`block1a`, ...), then whose stem and top widths match (B1 and B2 have the
+/// same blocks). A damaged file is taken for the variant it is closest to, so what is wrong with
+/// it is then named against that variant's tensors.
+pub fn recognise(weights: &KerasWeights) -> Arch {
+    let blocks: BTreeSet<&str> = weights
+        .tensors
+        .iter()
+        .filter(|t| t.layer.starts_with("block"))
+        .filter_map(|t| t.layer.split('_').next())
+        .collect();
+    let out_channels = |layer: &str| {
+        weights
+            .tensors
+            .iter()
+            .find(|t| t.layer == layer && t.param == "kernel")
+            .and_then(|t| t.shape.last().copied())
+    };
+    let (stem, top) = (out_channels("stem_conv"), out_channels("top_conv"));
+    let distance = |arch: &Arch| {
+        let net = arch.network();
+        let names = net.block_names();
+        let missing = names
+            .iter()
+            .filter(|n| !blocks.contains(n.as_str()))
+            .count();
+        let extra = blocks
+            .iter()
+            .filter(|b| !names.iter().any(|n| n == *b))
+            .count();
+        let widths = [(stem, net.stem_filters), (top, net.top_filters)]
+            .iter()
+            .filter(|(found, want)| *found != usize::try_from(*want).ok())
+            .count();
+        (missing + extra, widths)
+    };
+    // The first of equals: B0 for a file that fits nothing.
+    Arch::ALL
+        .into_iter()
+        .min_by_key(distance)
+        .unwrap_or_default()
+}
+
+/// The variant a Keras file holds (see [`recognise`]), from its tensors' names and shapes; no
+/// values are read.
+pub fn variant(path: &Path) -> Result<Arch, KerasError> {
+    Ok(recognise(&list(path)?.weights))
+}
+
+/// Checks Keras tensors (their names and shapes only) against a model of variant `arch`: the
+/// file must hold that variant, every tensor must be a parameter of the model with its shape,
+/// none twice, none missing (but the whole head, for a backbone-only file).
+fn check(weights: &KerasWeights, vs: &VarStore, arch: Arch) -> Result<Plan, KerasError> {
+    let held = recognise(weights);
+    if held != arch {
+        return Err(KerasError::Variant {
+            file: weights.file.clone(),
+            held,
+            model: arch,
+        });
+    }
     let vars = vs.variables();
     let renamed = head_renaming(weights);
     let rename = |layer: &str| -> String {
@@ -423,7 +492,7 @@ fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
         .keys()
         .filter(|k| !seen.contains(*k) && (head_loaded || !is_head(k)))
         .collect();
-    let first_missing = keras_layers(vs, Arch::B0)
+    let first_missing = keras_layers(vs, arch)
         .into_iter()
         .flat_map(|(layer, params)| {
             params
@@ -431,7 +500,7 @@ fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
                 .map(move |(p, key)| (format!("{layer}/{p}:0"), key))
         })
         .find(|(_, key)| missing.contains(&key))
-        // A variable of a block B0 lacks (the model is another variant): named by its key.
+        // A variable of no Keras layer (none today; the model was built for another variant).
         .or_else(|| missing.iter().min().map(|k| (k.to_string(), String::new())));
     if let Some((tensor, _)) = first_missing {
         return Err(KerasError::Missing {
@@ -447,12 +516,16 @@ fn check(weights: &KerasWeights, vs: &VarStore) -> Result<Plan, KerasError> {
     })
 }
 
-/// Copies Keras weights into a model's VarStore. Refuses a file with a tensor the model lacks, a
-/// tensor of the wrong shape or a missing tensor; a file without any head tensor (a backbone-only
-/// "notop" file) leaves the head as it is.
-pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, KerasError> {
+/// Copies Keras weights into a model's VarStore of variant `arch`. Refuses a file of another
+/// variant, with a tensor the model lacks, a tensor of the wrong shape or a missing tensor; a file
+/// without any head tensor (a backbone-only "notop" file) leaves the head as it is.
+pub fn apply(
+    weights: &KerasWeights,
+    vs: &VarStore,
+    arch: Arch,
+) -> Result<ImportReport, KerasError> {
     // Check everything before touching the model, so a refused file leaves it unchanged.
-    let plan = check(weights, vs)?;
+    let plan = check(weights, vs, arch)?;
     let vars = vs.variables();
     let mut values = Vec::with_capacity(plan.keys.len());
     for (t, key) in weights.tensors.iter().zip(&plan.keys) {
@@ -475,29 +548,20 @@ pub fn apply(weights: &KerasWeights, vs: &VarStore) -> Result<ImportReport, Kera
     });
     Ok(ImportReport {
         layout: weights.layout,
+        arch,
         applied: plan.keys.len(),
         head_loaded: plan.head_loaded,
         renamed: plan.renamed,
     })
 }
 
-/// True when `error`, loading a Keras file into a model of `arch` other than B0, says the file's
-/// tensors do not fit the model: the file holds another variant (Keras files are read as B0).
-pub fn holds_other_arch(error: &KerasError, arch: Arch) -> bool {
-    !arch.is_b0()
-        && matches!(
-            error,
-            KerasError::Shape { .. } | KerasError::Unexpected { .. } | KerasError::Missing { .. }
-        )
-}
-
-/// Reads a Keras file and applies it to the model (see [`apply`]). Every tensor's name and shape
-/// is checked against the model before any value is read, so a file claiming a huge tensor is
-/// refused without reading it.
-pub fn load(path: &Path, vs: &VarStore) -> Result<ImportReport, KerasError> {
+/// Reads a Keras file and applies it to the model of variant `arch` (see [`apply`]). Every
+/// tensor's name and shape is checked against the model before any value is read, so a file
+/// claiming a huge tensor is refused without reading it.
+pub fn load(path: &Path, vs: &VarStore, arch: Arch) -> Result<ImportReport, KerasError> {
     let listing = list(path)?;
-    check(&listing.weights, vs)?;
-    apply(&read_values(listing, MAX_TENSOR_VALUES)?, vs)
+    check(&listing.weights, vs, arch)?;
+    apply(&read_values(listing, MAX_TENSOR_VALUES)?, vs, arch)
 }
 
 /// The model's layers in the order the Keras original creates them (the order of its

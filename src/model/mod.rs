@@ -21,8 +21,6 @@ use efficientnet::{Tagger, TaggerConfig};
 
 /// The threshold of the original batch tagger.
 pub const DEFAULT_INFER_THRESHOLD: f32 = 0.4;
-/// The input size of the original model.
-pub const DEFAULT_IMAGE_SIZE: usize = 224;
 
 /// A model ready to predict, with everything needed to feed it and read its outputs.
 pub struct LoadedModel {
@@ -65,8 +63,8 @@ pub fn is_hdf5(path: &Path) -> bool {
 }
 
 impl LoadedModel {
-    /// Loads a model for inference from a Keras HDF5 file (the published NDL weights: NDL labels,
-    /// 224x224 BGR input, threshold 0.4).
+    /// Loads a model for inference from a Keras HDF5 file of any variant (the published NDL
+    /// weights: NDL labels, the variant's resolution in BGR (224x224 for B0), threshold 0.4).
     pub fn load(path: &Path, device: Device) -> Result<Self> {
         if !path.is_file() {
             bail!("weights file {} does not exist", path.display());
@@ -81,13 +79,15 @@ impl LoadedModel {
             );
         }
         let taxonomy = Taxonomy::ndl();
+        let arch = keras::variant(path)?;
         let vs = nn::VarStore::new(device);
         let config = TaggerConfig {
             num_classes: taxonomy.labels.len() as i64,
+            arch,
             ..Default::default()
         };
         let mut net = Tagger::new(&vs.root(), config);
-        let report = keras::load(path, &vs)?;
+        let report = keras::load(path, &vs, arch)?;
         if !report.head_loaded {
             bail!(
                 "{}: holds only the backbone (no dense head), so it cannot tag images; train a model with `trainer fit --init {}`",
@@ -105,7 +105,7 @@ impl LoadedModel {
             net,
             taxonomy,
             thresholds,
-            image_size: DEFAULT_IMAGE_SIZE,
+            image_size: arch.coefficients().resolution,
             description: format!("{} ({report})", path.display()),
             path: path.to_path_buf(),
             precision: self::precision::Precision::Fp32,
@@ -251,7 +251,16 @@ pub fn check_finite(vs: &nn::VarStore, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads a model for `infer` and `eval`; every error names the file.
-pub fn load_for_inference(path: &Path, device: Device) -> Result<LoadedModel> {
-    LoadedModel::load(path, device).context("cannot load the weights")
+/// Loads a model for `infer`, `eval` and `export`, fed `image_size` pixels where given (the
+/// network is convolutional: any size runs); every error names the file.
+pub fn load_for_inference(
+    path: &Path,
+    device: Device,
+    image_size: Option<u32>,
+) -> Result<LoadedModel> {
+    let mut model = LoadedModel::load(path, device).context("cannot load the weights")?;
+    if let Some(size) = image_size {
+        model.image_size = size as usize;
+    }
+    Ok(model)
 }

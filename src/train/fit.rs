@@ -361,11 +361,15 @@ fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy, arch: Arch) ->
         bail!("--init {}: no such file", path.display());
     }
     if is_hdf5(path) {
-        let report =
-            keras::load(path, vs).map_err(|e| match keras::holds_other_arch(&e, arch) {
-                true => other_variant(path, taxonomy, arch, e),
-                false => anyhow::Error::new(e).context(format!("--init {}", path.display())),
-            })?;
+        let context = || format!("--init {}", path.display());
+        let held = keras::variant(path).with_context(context)?;
+        if held != arch {
+            bail!(
+                "--init {}: the Keras file holds {held} weights, not {arch} (--arch)",
+                path.display()
+            );
+        }
+        let report = keras::load(path, vs, arch).with_context(context)?;
         return Ok(report.to_string());
     }
     let ckpt = Checkpoint::read(path).with_context(|| format!("--init {}", path.display()))?;
@@ -386,30 +390,6 @@ fn load_init(path: &Path, vs: &nn::VarStore, taxonomy: &Taxonomy, arch: Arch) ->
     }
     ckpt.load_model(vs, path)?;
     Ok(format!("trainer checkpoint, epoch {}", ckpt.meta.epoch))
-}
-
-/// The error of a Keras `--init` file whose tensors do not fit the run's `arch`: it names B0 when
-/// the file fits a B0 tagger (Keras files are read as B0 so far), another variant otherwise.
-fn other_variant(
-    path: &Path,
-    taxonomy: &Taxonomy,
-    arch: Arch,
-    e: keras::KerasError,
-) -> anyhow::Error {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let config = TaggerConfig {
-        num_classes: taxonomy.labels.len() as i64,
-        ..Default::default()
-    };
-    let _net = Tagger::new(&vs.root(), config);
-    let held = match keras::load(path, &vs) {
-        Ok(_) => format!("{} weights", Arch::B0),
-        Err(_) => "another variant".to_string(),
-    };
-    anyhow::anyhow!(
-        "--init {}: the Keras file holds {held}, not {arch} (--arch): its tensors do not fit ({e})",
-        path.display()
-    )
 }
 
 /// The model being trained, its optimizer, and the weights that are validated when the recipe

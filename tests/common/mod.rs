@@ -14,18 +14,33 @@ pub fn oracle() -> PathBuf {
     shared().join("fixtures/keras-oracle")
 }
 
+/// The B1 oracle: a B1 tagger written by real Keras, at 240 pixels.
+pub fn oracle_b1() -> PathBuf {
+    shared().join("fixtures/keras-oracle-b1")
+}
+
 pub fn sample() -> PathBuf {
     shared().join("data/ndl-sample")
 }
 
 /// The oracle's image list (relative to `sample()`), its label list and probabilities.
 pub fn oracle_json() -> serde_json::Value {
-    let text = std::fs::read_to_string(oracle().join("oracle.json")).expect("oracle.json");
+    oracle_json_of(&oracle())
+}
+
+/// The `oracle.json` of the oracle folder `dir`.
+pub fn oracle_json_of(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("oracle.json")).expect("oracle.json");
     serde_json::from_str(&text).expect("oracle.json is JSON")
 }
 
 pub fn oracle_images() -> Vec<PathBuf> {
-    oracle_json()["images"]
+    oracle_images_of(&oracle())
+}
+
+/// The images of the oracle folder `dir`, in its order.
+pub fn oracle_images_of(dir: &std::path::Path) -> Vec<PathBuf> {
+    oracle_json_of(dir)["images"]
         .as_array()
         .expect("images")
         .iter()
