@@ -4,8 +4,9 @@ file and torch.jit.load on the TorchScript file, on the 96 oracle inputs (uint8 
 cv2.imread + cv2.resize give them) in batches of 1, 16 and 96, against Keras's probabilities.
 Prints one JSON object; exits 1 when a difference is above 1e-4.
 
-Usage: check_export.py MODEL.onnx MODEL.pt ORACLE_DIR [EXPECTED.npy]
-(EXPECTED.npy: other probabilities to compare with, for a model other than the oracle's)
+Usage: check_export.py MODEL.onnx MODEL.pt ORACLE_DIR [EXPECTED.npy [INPUTS.npy]]
+(EXPECTED.npy: other probabilities to compare with, for a model other than the oracle's;
+INPUTS.npy: other uint8 BGR inputs [N, S, S, 3], for a model of another input size)
 Needs numpy, onnx, onnxruntime and torch (scripts/setup installs them in the torch environment).
 """
 import json
@@ -28,7 +29,7 @@ def batches(run, x):
 
 def main():
     onnx_path, pt_path, oracle = sys.argv[1:4]
-    x = np.load(os.path.join(oracle, "inputs_224_bgr_u8.npy"))
+    x = np.load(sys.argv[5] if len(sys.argv) > 5 else os.path.join(oracle, "inputs_224_bgr_u8.npy"))
     expected = np.load(sys.argv[4] if len(sys.argv) > 4 else os.path.join(oracle, "probs.npy"))
     report = {}
 

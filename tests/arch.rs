@@ -189,11 +189,84 @@ fn a_b1_run_records_its_arch_runs_on_both_engines_exports_and_resumes() {
 #[test]
 fn a_b3_run_records_its_arch() {
     let dir = tempfile::tempdir().unwrap();
-    ok(fit(dir.path(), "b3", "1", &["--arch", "efficientnet-b3"]));
-    let ckpt = Checkpoint::read(&dir.path().join("runs/b3").join(LAST)).unwrap();
-    assert_eq!(ckpt.meta.arch, Arch::B3);
+    let ckpt = resumes_exactly_and_exports(dir.path(), Arch::B3);
     // B3's stem has 40 filters (B0 32).
     assert_eq!(ckpt.tensors["model.stem_conv.weight"].size()[0], 40);
+}
+
+#[test]
+fn a_b1_run_resumes_exactly_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = resumes_exactly_and_exports(dir.path(), Arch::B1);
+    assert_eq!(ckpt.tensors["model.stem_conv.weight"].size()[0], 32);
+}
+
+/// A run of `arch` of two epochs and one of one epoch resumed to two end with the same weights
+/// and rows, recording the arch; its ONNX and TorchScript exports give the checkpoint's own
+/// probabilities (as `infer` computes them) on 96 images at the run's 32 pixels. Returns the
+/// checkpoint.
+fn resumes_exactly_and_exports(d: &Path, arch: Arch) -> Checkpoint {
+    let arch_args = ["--arch", arch.name()];
+    ok(fit(d, "whole", "2", &arch_args));
+    ok(fit(d, "part", "1", &arch_args));
+    let resume = [
+        "fit",
+        "--device",
+        "cpu",
+        "--resume",
+        "runs/part",
+        "--epochs",
+        "2",
+    ];
+    ok(run(d, &resume));
+    let read = |run: &str| Checkpoint::read(&d.join("runs").join(run).join(LAST)).unwrap();
+    let (a, b) = (read("whole"), read("part"));
+    assert_eq!((a.meta.epoch, a.meta.arch), (2, arch));
+    assert_eq!((b.meta.epoch, b.meta.arch), (2, arch));
+    for (name, t) in &a.tensors {
+        let diff = (t - &b.tensors[name]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{arch}: {name} differs by {diff}");
+    }
+    let rows = |run: &str| common::untimed_rows(&d.join("runs").join(run));
+    assert_eq!(rows("whole").len(), 3);
+    assert_eq!(rows("whole"), rows("part"));
+
+    let last = d.join("runs/whole").join(LAST);
+    let model = trainer::model::LoadedModel::load(&last, Device::Cpu).unwrap();
+    let mut pixels = Vec::new();
+    for image in common::oracle_images() {
+        pixels.extend(trainer::data::decode::load_resized(&image, 32).unwrap());
+    }
+    let probs = model.predict(&pixels, 96).unwrap();
+    let inputs = d.join("inputs.npy");
+    let expected = d.join("expected.npy");
+    tch::Tensor::from_slice(&pixels)
+        .view([96, 32, 32, 3])
+        .write_npy(&inputs)
+        .unwrap();
+    tch::Tensor::from_slice(&probs)
+        .view([96, 11])
+        .write_npy(&expected)
+        .unwrap();
+    let (onnx, pt) = (d.join("m.onnx"), d.join("m.pt"));
+    for (format, file) in [("onnx", &onnx), ("torchscript", &pt)] {
+        let w = last.to_str().unwrap();
+        let args = ["export", "--format", format, "--weights", w, "--output"];
+        ok(run(d, &[&args[..], &[file.to_str().unwrap()]].concat()));
+    }
+    let check = std::process::Command::new(common::torch_python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check_export.py"))
+        .args([&onnx, &pt, &common::oracle(), &expected, &inputs])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{arch}: {report}\n{}",
+        stderr(&check)
+    );
+    eprintln!("{arch}: {report}");
+    a
 }
 
 #[test]

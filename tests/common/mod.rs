@@ -172,3 +172,12 @@ pub fn checkpoint_meta(
         arch: Default::default(),
     }
 }
+
+/// The Python of the torch environment (scripts/env sets VIRTUAL_ENV; scripts/setup installs
+/// numpy, onnx, onnxruntime and torch there).
+#[allow(dead_code)]
+pub fn torch_python() -> PathBuf {
+    let env =
+        std::env::var_os("VIRTUAL_ENV").expect("run the tests through scripts/test (VIRTUAL_ENV)");
+    PathBuf::from(env).join("bin/python")
+}
