@@ -7,3 +7,4 @@ pub mod fit;
 pub mod kernels;
 pub mod recipe;
 pub mod shadow;
+pub mod tensorboard;
