@@ -5,6 +5,7 @@ pub mod amp;
 pub mod ddp;
 pub mod fit;
 pub mod kernels;
+pub mod loss;
 pub mod recipe;
 pub mod shadow;
 pub mod tensorboard;
