@@ -25,7 +25,7 @@ pub enum Command {
     /// Tag folders of images and write one JSON file per folder (the original multiinference.py format).
     Infer(InferArgs),
     /// Train the tagger from a folder per tag (the original multitrain_efficientnet.py recipe).
-    Fit(FitArgs),
+    Fit(Box<FitArgs>),
     /// Measure a model on a labelled dataset: per-label metrics, average precision, pictures,
     /// per-label threshold calibration and a review list.
     Eval(EvalArgs),
@@ -195,7 +195,8 @@ pub struct FitArgs {
     /// be given, the other training settings may not.
     #[arg(long, conflicts_with_all = ["init", "run", "runs_dir", "taxonomy", "batch_size", "lr",
         "seed", "val_fraction", "augment", "image_size", "arch", "drop_connect", "recipe", "lr_schedule",
-        "warmup_epochs", "ema", "precise_bn", "patience", "pos_weight", "freeze_backbone_epochs"])]
+        "warmup_epochs", "ema", "precise_bn", "patience", "pos_weight", "freeze_backbone_epochs",
+        "loss", "gamma", "asl_gamma_neg", "asl_gamma_pos", "asl_clip", "best_by"])]
     pub resume: Option<PathBuf>,
     /// Run name: its folder is RUNS_DIR/<name>. Default: the next free fit, fit2, ...
     #[arg(long, value_parser = run_name)]
@@ -208,7 +209,7 @@ pub struct FitArgs {
     #[arg(long)]
     pub weights_dir: Option<PathBuf>,
     /// Epochs in all, 1 to 1000000 (on --resume, may be raised to train further). Default: 100.
-    #[arg(long, value_parser = usize_in(1, crate::train::fit::MAX_EPOCHS))]
+    #[arg(long, value_parser = usize_in(1, crate::train::settings::MAX_EPOCHS))]
     pub epochs: Option<usize>,
     /// Images per training step (1 to 4096).
     #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -240,14 +241,39 @@ pub struct FitArgs {
     pub precise_bn: Option<usize>,
     /// Stop after this many epochs without a lower validation loss (1 to 1000000); the reason is
     /// printed and written to the run's stopped.txt.
-    #[arg(long, value_parser = usize_in(1, crate::train::fit::MAX_EPOCHS))]
+    #[arg(long, value_parser = usize_in(1, crate::train::settings::MAX_EPOCHS))]
     pub patience: Option<usize>,
     /// Weight of each label's positives in the loss: none, or auto (negatives/positives of the
     /// training split, for rare labels).
     #[arg(long, value_enum)]
     pub pos_weight: Option<crate::train::recipe::PosWeight>,
+    /// The training loss: bce (binary cross-entropy, the original's), focal (focal loss, Lin et
+    /// al. 2017) or asl (asymmetric loss, Ridnik et al. 2021), for rare labels. The validation
+    /// loss stays BCE, so runs compare.
+    #[arg(long, value_enum, default_value = "bce")]
+    pub loss: crate::train::loss::LossKind,
+    /// Focal loss's focusing exponent gamma, 0 to 10 (default 2; 0 is BCE).
+    #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    pub gamma: Option<f64>,
+    /// Asymmetric loss's focusing exponent of the negatives, 0 to 10 (default 4).
+    #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    pub asl_gamma_neg: Option<f64>,
+    /// Asymmetric loss's focusing exponent of the positives, 0 to 10 (default 1).
+    #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    pub asl_gamma_pos: Option<f64>,
+    /// Asymmetric loss's probability margin of the negatives, in [0, 1) (default 0.05).
+    #[arg(long, value_parser = parse_fraction, allow_negative_numbers = true)]
+    pub asl_clip: Option<f64>,
+    /// Which validation result picks the best epoch (best.ckpt and the Keras weights) and what
+    /// --patience watches: val_loss (lowest, the original's), micro_f1, macro_f1 or map
+    /// (highest).
+    #[arg(long, value_enum, default_value = "val_loss")]
+    pub best_by: crate::history::BestBy,
+    /// TensorBoard event files in the run folder (`tensorboard --logdir runs`): on or off.
+    #[arg(long, value_enum, default_value = "on")]
+    pub tensorboard: Switch,
     /// Train only the head for this many epochs first (for --init from ImageNet).
-    #[arg(long, value_parser = usize_in(0, crate::train::fit::MAX_EPOCHS))]
+    #[arg(long, value_parser = usize_in(0, crate::train::settings::MAX_EPOCHS))]
     pub freeze_backbone_epochs: Option<usize>,
     /// Seed of the split, the shuffles, the augmentations and drop-connect.
     #[arg(long, default_value_t = 777)]
@@ -300,6 +326,13 @@ pub struct FitArgs {
     /// Seconds a rank waits for the others (at the start and in every exchange) before giving up.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86400))]
     pub dist_timeout: u32,
+}
+
+/// A feature on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// `--memory-format`.

@@ -2,18 +2,20 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::cli::{EvalArgs, ExportArgs, ExportFormat, FetchArgs, FitArgs, InferArgs, MemoryFormat};
 use crate::device;
 use crate::eval::{self, EvalOptions};
 use crate::fetch::{self, Client, ClientOptions, MetadataFetch, TagFetch};
 use crate::infer::{self, InferOptions};
-use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
 use crate::train::amp::Precision;
-use crate::train::fit::{self, FitSettings};
+use crate::train::fit;
+use crate::train::loss::Loss;
 use crate::train::recipe::RecipeSettings;
+use crate::train::run_dir::{next_run_dir, LAST, STOPPED};
+use crate::train::settings::{FitSettings, Overrides, Resume};
 
 /// The model of `infer` and `eval`, in fp32 unless another precision is asked for.
 fn load_model(
@@ -79,6 +81,85 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The run's settings, resolved once: a new run's from the command line; on `--resume`, the
+/// checkpoint's with what the command line may change. Then what belongs to this machine and
+/// session, not to the run (the image cache, TensorBoard). Returns the run folder too, and the
+/// run to continue.
+fn fit_settings(
+    args: FitArgs,
+    device: tch::Device,
+) -> Result<(FitSettings, std::path::PathBuf, Option<Resume>)> {
+    let cache_dir = image_cache_dir(args.cache_dir.as_deref());
+    let tensorboard = args.tensorboard == crate::cli::Switch::On;
+    let (settings, run_dir, resume) = match &args.resume {
+        Some(run_dir) => {
+            let overrides = Overrides {
+                epochs: args.epochs,
+                data: args.data,
+                weights_dir: args.weights_dir,
+                precision: args.precision,
+                channels_last: args.memory_format.map(channels_last),
+                accumulate: args.accumulate,
+            };
+            let (settings, resume) = FitSettings::resumed(run_dir, overrides)?;
+            (settings, run_dir.clone(), Some(resume))
+        }
+        None => {
+            let run_dir = match &args.run {
+                Some(name) => args.runs_dir.join(name),
+                None => next_run_dir(&args.runs_dir),
+            };
+            (new_run_settings(args, device)?, run_dir, None)
+        }
+    };
+    let settings = FitSettings {
+        cache_dir,
+        tensorboard,
+        ..settings
+    };
+    Ok((settings, run_dir, resume))
+}
+
+/// A new run's settings from the command line (what is not given: the recipe's presets, the
+/// variant's resolution).
+fn new_run_settings(args: FitArgs, device: tch::Device) -> Result<FitSettings> {
+    let loss = Loss::from_flags(
+        args.loss,
+        args.gamma,
+        args.asl_gamma_neg,
+        args.asl_gamma_pos,
+        args.asl_clip,
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(FitSettings {
+        recipe: recipe_settings(&args),
+        accumulate: args.accumulate.unwrap_or(1),
+        cache_dir: None,
+        data: args.data.unwrap_or_else(|| "datasetpdm".into()),
+        taxonomy: args.taxonomy,
+        weights_dir: args
+            .weights_dir
+            .unwrap_or_else(|| "weights_pdm_multi".into()),
+        seed: args.seed,
+        val_fraction: args.val_fraction,
+        augment: args.augment,
+        image_size: args
+            .image_size
+            .map_or(args.arch.coefficients().resolution, |s| s as usize),
+        lr: args.lr.unwrap_or(RecipeSettings::preset_lr(args.recipe)),
+        batch_size: args.batch_size as usize,
+        epochs: args.epochs.unwrap_or(100),
+        drop_connect: args.drop_connect,
+        init: args.init,
+        precision: args.precision.unwrap_or(Precision::default_for(device)),
+        channels_last: channels_last(args.memory_format.unwrap_or(MemoryFormat::Auto)),
+        arch: args.arch,
+        loss,
+        best_by: args.best_by,
+        tensorboard: false,
+    })
+}
+
 /// `trainer fit`.
 pub fn fit(args: FitArgs) -> Result<ExitCode> {
     let job = crate::dist::Job::from_env(|k| std::env::var(k).ok())?;
@@ -98,75 +179,11 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let (settings, run_dir, previous) = match &args.resume {
-        Some(run_dir) => {
-            let ckpt = Checkpoint::read(&run_dir.join(fit::LAST))
-                .with_context(|| format!("cannot resume {}", run_dir.display()))?;
-            let mut settings: FitSettings = serde_json::from_value(ckpt.meta.settings.clone())
-                .with_context(|| format!("{}: unreadable run settings", run_dir.display()))?;
-            // What may change between sessions of a run; the recipe itself may not.
-            if let Some(e) = args.epochs {
-                settings.epochs = e;
-            }
-            if let Some(d) = args.data {
-                settings.data = d;
-            }
-            if let Some(w) = args.weights_dir {
-                settings.weights_dir = w;
-            }
-            if let Some(p) = args.precision {
-                settings.precision = p;
-            }
-            if let Some(m) = args.memory_format {
-                settings.channels_last = channels_last(m);
-            }
-            if let Some(k) = args.accumulate {
-                settings.accumulate = k;
-            }
-            (settings, run_dir.clone(), Some(ckpt))
-        }
-        None => {
-            let recipe = recipe_settings(&args);
-            let settings = FitSettings {
-                recipe,
-                accumulate: args.accumulate.unwrap_or(1),
-                cache_dir: None,
-                data: args.data.unwrap_or_else(|| "datasetpdm".into()),
-                taxonomy: args.taxonomy,
-                weights_dir: args
-                    .weights_dir
-                    .unwrap_or_else(|| "weights_pdm_multi".into()),
-                seed: args.seed,
-                val_fraction: args.val_fraction,
-                augment: args.augment,
-                image_size: args
-                    .image_size
-                    .map_or(args.arch.coefficients().resolution, |s| s as usize),
-                lr: args.lr.unwrap_or(RecipeSettings::preset_lr(args.recipe)),
-                batch_size: args.batch_size as usize,
-                epochs: args.epochs.unwrap_or(100),
-                drop_connect: args.drop_connect,
-                init: args.init,
-                precision: args.precision.unwrap_or(Precision::default_for(device)),
-                channels_last: channels_last(args.memory_format.unwrap_or(MemoryFormat::Auto)),
-                arch: args.arch,
-            };
-            let run_dir = match &args.run {
-                Some(name) => args.runs_dir.join(name),
-                None => fit::next_run_dir(&args.runs_dir),
-            };
-            (settings, run_dir, None)
-        }
-    };
-    // A property of this machine, not of the run.
-    let settings = FitSettings {
-        cache_dir: image_cache_dir(args.cache_dir.as_deref()),
-        ..settings
-    };
+    let (settings, run_dir, resume) = fit_settings(args, device)?;
     if !crate::progress::quiet() {
         crate::errln!("device: {}", device::describe(device));
     }
-    let s = fit::fit(&settings, &run_dir, previous, device, group)?;
+    let s = fit::fit(&settings, &run_dir, resume, device, group)?;
     if crate::progress::quiet() {
         return Ok(match s.interrupted {
             true => crate::progress::interrupted_exit_code(),
@@ -176,7 +193,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
     if s.interrupted {
         crate::errln!(
             "interrupted: {} holds epoch {}; continue with: trainer fit --resume {}",
-            run_dir.join(fit::LAST).display(),
+            run_dir.join(LAST).display(),
             s.epochs_done,
             run_dir.display()
         );
@@ -186,10 +203,7 @@ pub fn fit(args: FitArgs) -> Result<ExitCode> {
         "done: {} epochs{}; best validation loss {}; checkpoints in {}, Keras weights in {}",
         s.epochs_done,
         match s.stopped {
-            Some(_) => format!(
-                " (stopped early, see {})",
-                run_dir.join(fit::STOPPED).display()
-            ),
+            Some(_) => format!(" (stopped early, see {})", run_dir.join(STOPPED).display()),
             None => String::new(),
         },
         s.best_val_loss

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod fetch;
 pub mod fsutil;
 pub mod gpu;
+pub mod history;
 pub mod infer;
 pub mod launch;
 pub mod metrics;

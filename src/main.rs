@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     trainer::progress::install_signal_handlers();
     let result = match cli.command {
         Command::Infer(args) => trainer::commands::infer(args),
-        Command::Fit(args) => trainer::commands::fit(args),
+        Command::Fit(args) => trainer::commands::fit(*args),
         Command::Eval(args) => trainer::commands::eval(args),
         Command::Fetch(args) => trainer::commands::fetch(args),
         Command::Export(args) => trainer::commands::export(args),

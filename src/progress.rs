@@ -35,6 +35,17 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::progress::write_out(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
+/// `eprintln!` for informational lines, left out when output is quiet (not a terminal's
+/// progress, or a rank other than 0 of a job).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !$crate::progress::quiet() {
+            $crate::errln!($($arg)*);
+        }
+    };
+}
+
 /// `print!` that never panics (see [`write_out`]).
 #[macro_export]
 macro_rules! out {

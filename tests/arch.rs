@@ -11,7 +11,7 @@ use trainer::model::arch::Arch;
 use trainer::model::checkpoint::Checkpoint;
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
 use trainer::model::keras;
-use trainer::train::fit::LAST;
+use trainer::train::run_dir::LAST;
 
 fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")

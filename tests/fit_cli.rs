@@ -358,8 +358,18 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     for (p, bytes) in snapshot {
         assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
     }
-    // val.txt, settings.json, results.csv, results.png, last.ckpt, best.ckpt and the lock file.
-    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 7);
+    // val.txt, settings.json, results.csv, results.png, last.ckpt, best.ckpt, the lock file and
+    // the TensorBoard event file.
+    assert_eq!(std::fs::read_dir(&good).unwrap().count(), 8);
+    let names = common::file_names(&good);
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("events.out.tfevents."))
+            .count(),
+        1,
+        "{names:?}"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::history::EpochRecord;
 use anyhow::{bail, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -69,9 +70,10 @@ pub struct CheckpointMeta {
     pub best_val_loss: Option<f64>,
     /// The `fit` settings of the run, as given.
     pub settings: serde_json::Value,
-    /// `results.csv` rows of every epoch up to this one, so the CSV can always be rebuilt.
-    #[serde(default)]
-    pub history: Vec<String>,
+    /// The record of every epoch up to this one, so `results.csv` can always be rebuilt (rows of
+    /// that file in checkpoints written before records were stored).
+    #[serde(default, deserialize_with = "crate::history::deserialize_history")]
+    pub history: Vec<EpochRecord>,
     /// The epoch of `best_val_loss` (early stopping counts from it).
     #[serde(default)]
     pub best_epoch: Option<usize>,
@@ -129,18 +131,16 @@ impl CheckpointMeta {
         self.validate_history()
     }
 
-    /// Every `history` row is what `fit` writes into `results.csv` (resume copies them there):
-    /// 8 + 4 per label fields, each empty or a number.
+    /// Every `history` record is of an epoch up to this one, with one result per label.
     fn validate_history(&self) -> Result<(), String> {
-        let fields = 8 + 4 * self.taxonomy.labels.len();
-        for (i, row) in self.history.iter().enumerate() {
-            let numbers = row
-                .split(',')
-                .all(|f| f.is_empty() || f.parse::<f64>().is_ok());
-            if !numbers || row.split(',').count() != fields {
+        let labels = self.taxonomy.labels.len();
+        for (i, r) in self.history.iter().enumerate() {
+            let per_label = r.validation.as_ref().map_or(labels, |v| v.labels.len());
+            if per_label != labels || r.epoch > self.epoch {
                 return Err(format!(
-                    "history row {} is not a results.csv row ({fields} numbers or empty fields)",
-                    i + 1
+                    "history row {} is not a results.csv row of this run's {labels} labels up to epoch {}",
+                    i + 1,
+                    self.epoch
                 ));
             }
         }

@@ -221,6 +221,12 @@ impl Loss {
     }
 }
 
+/// The validation loss of a batch, summed over its elements: BCE whatever loss trains, so the
+/// `val_loss` of runs trained with different losses compare.
+pub fn validation_bce_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    logits.binary_cross_entropy_with_logits::<Tensor>(targets, None, None, Reduction::Sum)
+}
+
 /// Focal loss per element, torchvision's `sigmoid_focal_loss` without alpha (class balance is
 /// `pos_weight`'s job): BCE(x, y) * (1 - p_t)^gamma, the modulating factor differentiated too.
 /// 1 - p_t = p (1 - y) + (1 - p) y with 1 - p as sigmoid(-x), exact where p rounds to 1; it is

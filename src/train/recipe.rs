@@ -159,11 +159,12 @@ pub fn stop_reason(
     epoch: usize,
     best_epoch: Option<usize>,
     best: Option<f64>,
+    watched: &str,
 ) -> Option<String> {
     let (patience, best_epoch, best) = (patience?, best_epoch?, best?);
     (epoch >= best_epoch + patience).then(|| {
         format!(
-            "early stopping after epoch {epoch}: the validation loss has not improved for \
+            "early stopping after epoch {epoch}: {watched} has not improved for \
              {patience} epochs (best {best:.6} at epoch {best_epoch})"
         )
     })
@@ -238,12 +239,21 @@ mod tests {
 
     #[test]
     fn early_stopping_triggers_after_patience_epochs_without_improvement() {
-        assert_eq!(stop_reason(Some(3), 5, Some(3), Some(0.1)), None);
-        let reason = stop_reason(Some(3), 6, Some(3), Some(0.1)).unwrap();
+        assert_eq!(
+            stop_reason(Some(3), 5, Some(3), Some(0.1), "the validation loss"),
+            None
+        );
+        let reason = stop_reason(Some(3), 6, Some(3), Some(0.1), "the validation loss").unwrap();
         assert!(reason.contains("after epoch 6") && reason.contains("epoch 3"));
-        assert_eq!(stop_reason(None, 60, Some(3), Some(0.1)), None);
+        assert_eq!(
+            stop_reason(None, 60, Some(3), Some(0.1), "the validation loss"),
+            None
+        );
         // No validation: never.
-        assert_eq!(stop_reason(Some(1), 60, None, None), None);
+        assert_eq!(
+            stop_reason(Some(1), 60, None, None, "the validation loss"),
+            None
+        );
     }
 
     #[test]
