@@ -2,6 +2,8 @@
 //! scripts/setup; scripts/tensorboard_scalars.py) read back every scalar and hyper-parameter the
 //! event writer wrote, including a resumed run's second file in the same folder.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -177,4 +179,129 @@ fn a_writer_never_opens_an_existing_file_or_link() {
     assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
     let missing = EventWriter::create(&run.join("missing")).err().unwrap();
     assert!(format!("{missing:#}").contains("missing"), "{missing:#}");
+}
+
+/// The `results.csv` of a run: its header and rows, each row by column name.
+fn results(run: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(String::from))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_fit_run_resumed_writes_every_scalar_of_its_results_csv_for_tensorboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm");
+    let fit = |args: &[&str]| {
+        let out = common::trainer()
+            .current_dir(dir.path())
+            .args(["fit", "--device", "cpu", "--data"])
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+    };
+    // 36 images, a few held out: the rest in 3 steps of 12 and what remains.
+    let first = [
+        "--run",
+        "tb",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--augment",
+        "none",
+        "--batch-size",
+        "12",
+        "--val-fraction",
+        "0.1",
+    ];
+    fit(&first);
+    fit(&["--resume", "runs/tb", "--epochs", "3"]);
+    let run = dir.path().join("runs/tb");
+    let back = read_back(&run);
+    let scalars = triples(&back["scalars"]);
+    let value = |tag: &str, step: i64| -> f64 {
+        let found: Vec<f64> = (scalars.iter())
+            .filter(|(t, s, _)| t == tag && *s == step)
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert_eq!(found.len(), 1, "{tag} at step {step}: {found:?}");
+        found[0]
+    };
+    let rows = results(&run);
+    assert_eq!(rows.len(), 3);
+    let labels: Vec<String> = (rows[0].keys())
+        .filter_map(|k| k.strip_prefix("f1/").map(String::from))
+        .collect();
+    assert_eq!(labels.len(), 11);
+    let close = |a: f64, b: &str, what: &str| {
+        let b: f64 = b.parse().unwrap();
+        assert!(
+            (a - b).abs() <= 1e-5 + 1e-5 * b.abs(),
+            "{what}: {a} against {b}"
+        );
+    };
+    let steps = 3;
+    let held_out = std::fs::read_to_string(run.join("val.txt"))
+        .unwrap()
+        .lines()
+        .count();
+    let train = 36 - held_out as i64;
+    let images = [12.0, 12.0, (train - 24) as f64];
+    for (i, row) in rows.iter().enumerate() {
+        let epoch = i as i64 + 1;
+        close(value(tb::VAL_LOSS, epoch), &row["val_loss"], "val_loss");
+        close(
+            value(tb::VAL_MICRO_F1, epoch),
+            &row["val_micro_f1"],
+            "micro",
+        );
+        if !row["val_macro_f1"].is_empty() {
+            close(
+                value(tb::VAL_MACRO_F1, epoch),
+                &row["val_macro_f1"],
+                "macro",
+            );
+        }
+        for l in &labels {
+            close(value(&tb::val_f1(l), epoch), &row[&format!("f1/{l}")], l);
+        }
+        // The epoch's last step has the row's learning rate; its steps' losses, weighted by
+        // their images, average to the row's training loss.
+        let last = epoch * steps;
+        close(value(tb::TRAIN_LR, last), &row["lr"], "lr");
+        let weighted: f64 = images
+            .iter()
+            .enumerate()
+            .map(|(k, n)| n * value(tb::TRAIN_LOSS, last - 2 + k as i64))
+            .sum();
+        close(weighted / train as f64, &row["train_loss"], "train_loss");
+    }
+    // Every step once (the resumed file continues at step 7), and mAP each epoch.
+    let losses = scalars
+        .iter()
+        .filter(|(t, _, _)| t == tb::TRAIN_LOSS)
+        .count();
+    assert_eq!(losses, 9);
+    let maps = scalars.iter().filter(|(t, _, _)| t == tb::VAL_MAP).count();
+    assert_eq!(maps, 3);
+    assert_eq!(back["hparams"]["arch"], "efficientnet-b0");
+    assert_eq!(back["hparams"]["loss"], "bce");
+    let events = common::file_names(&run)
+        .into_iter()
+        .filter(|n| n.starts_with("events.out.tfevents."))
+        .count();
+    assert_eq!(events, 2, "one file per session");
 }
