@@ -22,8 +22,10 @@ CLASSES = ["graphic", "picture", "graphic_graph", "graphic_map", "graphic_illust
            "picture_object", "picture_person", "picture_outdoor", "picture_landmark", "stamp"]
 
 
-def original_model():
-    base = efn.EfficientNetB0(include_top=False, weights=None, input_shape=(224, 224, 3))
+def original_model(variant="EfficientNetB0", size=224):
+    """The original model; `variant` and `size` build the same tagger on another EfficientNet
+    (`EfficientNetB3`, 300) for scripts/check_keras_roundtrip.py; this script uses the defaults."""
+    base = getattr(efn, variant)(include_top=False, weights=None, input_shape=(size, size, 3))
     x = layers.GlobalAveragePooling2D()(base.output)
     x = layers.Dense(512)(x)
     x = layers.Dense(512, activation="relu")(x)
