@@ -291,10 +291,11 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
         })?,
     }
     crate::errln!(
-        "exported {} as {:?} to {}: input images uint8 [N, {s}, {s}, 3] BGR, output probabilities float32 [N, {}]",
+        "exported {} as {:?} to {}: input images uint8 [N, {s}, {s}, 3] {}, output probabilities float32 [N, {}]",
         model.description,
         args.format,
         args.output.display(),
+        crate::data::preprocess::CHANNEL_ORDER,
         model.taxonomy.labels.len(),
         s = model.image_size
     );

@@ -92,7 +92,7 @@ mod tests {
     #[test]
     fn contiguous_means_nchw_and_channels_last_means_nhwc() {
         let pixels = Tensor::zeros([2, 8, 6, 3], (tch::Kind::Uint8, Device::Cpu));
-        let x = crate::data::augment::to_input(&pixels);
+        let x = crate::data::preprocess::to_input(&pixels);
         assert!(layout(&x, false).is_contiguous());
         assert_eq!(layout(&x, true).stride(), [144, 1, 18, 3]);
     }

@@ -18,6 +18,7 @@ use super::shadow::{self, Shadow};
 use crate::csvfile;
 use crate::data::augment::{self, Augment};
 use crate::data::dataset;
+use crate::data::preprocess;
 use crate::data::split::{self, split_indices};
 use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
@@ -324,7 +325,7 @@ pub fn evaluate(
     tch::no_grad(|| {
         for chunk in idx.chunks(batch.max(1)) {
             let ids = Tensor::from_slice(chunk).to_device(pixels.device());
-            let x = augment::to_input(&pixels.index_select(0, &ids).to_device(device));
+            let x = preprocess::to_input(&pixels.index_select(0, &ids).to_device(device));
             let x = amp::layout(&x, channels_last);
             let y = targets
                 .index_select(0, &ids.to_device(targets.device()))
@@ -547,7 +548,7 @@ fn update_used_weights(model: &Model, settings: &FitSettings, pixels: &Tensor, o
         let ids = order.narrow(0, start, bs.min(images - start));
         let px = pixels.index_select(0, &ids.to_device(pixels.device()));
         amp::layout(
-            &augment::to_input(&px.to_device(device)),
+            &preprocess::to_input(&px.to_device(device)),
             settings.channels_last,
         )
     });
@@ -928,7 +929,7 @@ fn micro_step(
     };
     let x = match &batch_params {
         Some(p) => augment::apply(&px, p),
-        None => augment::to_input(&px),
+        None => preprocess::to_input(&px),
     };
     let x = amp::layout(&x, settings.channels_last);
     let y = lp.targets.index_select(0, &ids);
