@@ -11,7 +11,7 @@ use crate::fetch::{self, Client, ClientOptions, MetadataFetch, TagFetch};
 use crate::infer::{self, InferOptions};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::load_for_inference;
-use crate::train::amp::Precision;
+use crate::model::precision::Precision;
 use crate::train::fit::{self, FitSettings};
 use crate::train::recipe::RecipeSettings;
 

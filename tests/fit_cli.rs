@@ -142,7 +142,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
         image_size: 64,
         description: String::new(),
         path: hdf5.clone(),
-        precision: trainer::train::amp::Precision::Fp32,
+        precision: trainer::model::precision::Precision::Fp32,
         onnx: None,
     };
     let (a, _) = predict_all(&best);

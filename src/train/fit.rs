@@ -12,7 +12,7 @@ use tch::nn::ModuleT;
 use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::adam::Adam;
-use super::amp::{self, Precision};
+use super::amp;
 use super::recipe::{self, PosWeight, RecipeSettings};
 use super::shadow::{self, Shadow};
 use crate::csvfile;
@@ -26,6 +26,7 @@ use crate::metrics::{self, Counts};
 use crate::model::arch::Arch;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta, Preprocessing};
 use crate::model::efficientnet::{Tagger, TaggerConfig};
+use crate::model::precision::{self, Precision};
 use crate::model::{is_hdf5, keras, DEFAULT_INFER_THRESHOLD};
 use crate::progress;
 
@@ -326,7 +327,7 @@ pub fn evaluate(
         for chunk in idx.chunks(batch.max(1)) {
             let ids = Tensor::from_slice(chunk).to_device(pixels.device());
             let x = preprocess::to_input(&pixels.index_select(0, &ids).to_device(device));
-            let x = amp::layout(&x, channels_last);
+            let x = precision::layout(&x, channels_last);
             let y = targets
                 .index_select(0, &ids.to_device(targets.device()))
                 .to_device(device);
@@ -487,7 +488,7 @@ pub fn model_and_optimizer(
         say!("warning: training {} from random weights", settings.arch);
     }
     if settings.channels_last {
-        amp::vars_to_channels_last(&vs);
+        precision::vars_to_channels_last(&vs);
     }
     let shadow = match keeps_shadow {
         true => {
@@ -500,7 +501,7 @@ pub fn model_and_optimizer(
                 },
             );
             if settings.channels_last {
-                amp::vars_to_channels_last(&svs);
+                precision::vars_to_channels_last(&svs);
             }
             let shadow = Shadow::new(svs, &vs);
             if let Some((prev, file)) = previous {
@@ -547,7 +548,7 @@ fn update_used_weights(model: &Model, settings: &FitSettings, pixels: &Tensor, o
     let batches = (0..images).step_by(bs as usize).map(|start| {
         let ids = order.narrow(0, start, bs.min(images - start));
         let px = pixels.index_select(0, &ids.to_device(pixels.device()));
-        amp::layout(
+        precision::layout(
             &preprocess::to_input(&px.to_device(device)),
             settings.channels_last,
         )
@@ -931,12 +932,12 @@ fn micro_step(
         Some(p) => augment::apply(&px, p),
         None => preprocess::to_input(&px),
     };
-    let x = amp::layout(&x, settings.channels_last);
+    let x = precision::layout(&x, settings.channels_last);
     let y = lp.targets.index_select(0, &ids);
     let net = &model.net;
     // While the backbone is frozen only the head gets gradients.
     let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
-    let logits = amp::autocast(settings.precision, device, || match frozen {
+    let logits = precision::autocast(settings.precision, device, || match frozen {
         true => net.head(&net.features_t(&x, true).detach()),
         false => net.forward_t(&x, true),
     });
