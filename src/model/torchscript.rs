@@ -14,6 +14,7 @@ use super::onnx::Metadata;
 use super::LoadedModel;
 use crate::data::preprocess;
 
+// src/shim/torchscript.cpp
 extern "C" {
     fn trainer_jit_save_with_extra_files(
         in_path: *const c_char,
