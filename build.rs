@@ -1,17 +1,29 @@
 // Link-time settings that make the `trainer` binary (and the test and bench binaries) find
 // libtorch and use CUDA without any environment variable.
+
+/// The C++ shim, one file per thing it holds: mixed precision (autocast, fp16 unscaling), the
+/// optimizer's kernels (Adam steps, gradients to none), TorchScript saving with extra files and
+/// libtorch's build configuration. `src/shim/shim.h` has their shared helpers.
+const SHIM_FILES: &[&str] = &[
+    "src/shim/amp.cpp",
+    "src/shim/adam.cpp",
+    "src/shim/torchscript.cpp",
+    "src/shim/build_info.cpp",
+];
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    println!("cargo:rerun-if-changed=src/shim/amp.cpp");
+    for file in SHIM_FILES.iter().chain(&["src/shim/shim.h"]) {
+        println!("cargo:rerun-if-changed={file}");
+    }
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
-    // The C++ shim for what tch does not bind (autocast dtype, multi-tensor Adam), compiled
-    // against the headers of the same torch wheel.
+    // The C++ shim for what tch does not bind, compiled against the headers of the same torch
+    // wheel into one library.
     let include = std::path::Path::new(&lib).join("../include");
     shim_build(&include)
-        .file("src/shim/amp.cpp")
+        .files(SHIM_FILES)
         .compile("trainer_shim");
     // The distributed engine (c10d: TCPStore, Gloo, Reducer). Its Gloo header includes gloo's
     // own headers, which the wheel does not ship: Debian's libgloo-dev has them (scripts/setup

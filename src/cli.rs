@@ -169,7 +169,7 @@ pub struct EvalArgs {
     /// faster on GPUs and on CPUs with AVX512-BF16 or AMX but moves probabilities (by up to 0.67
     /// on the sample images with the test weights: check your model with `eval` first).
     #[arg(long, value_enum)]
-    pub precision: Option<crate::train::amp::Precision>,
+    pub precision: Option<crate::model::precision::Precision>,
     /// Engine of the forward pass: auto uses ONNX Runtime for fp32 on the CPU (the same outputs,
     /// faster; its library comes with scripts/setup) and libtorch otherwise; torch forces
     /// libtorch; onnxruntime fails where ONNX Runtime cannot be loaded.
@@ -300,7 +300,7 @@ pub struct FitArgs {
     /// Forward-pass precision: bf16 or fp16 autocast (batch-norm statistics and the loss stay in
     /// fp32), or fp32. Default: bf16 on CUDA, fp32 on CPU.
     #[arg(long, value_enum)]
-    pub precision: Option<crate::train::amp::Precision>,
+    pub precision: Option<crate::model::precision::Precision>,
     /// Memory order of activations and kernels. Default (auto): channels-last, the faster one on
     /// both CUDA and CPU.
     #[arg(long, value_enum)]
@@ -447,7 +447,7 @@ pub struct InferArgs {
     /// faster on GPUs and on CPUs with AVX512-BF16 or AMX but moves probabilities (by up to 0.67
     /// on the sample images with the test weights: check your model with `eval` first).
     #[arg(long, value_enum)]
-    pub precision: Option<crate::train::amp::Precision>,
+    pub precision: Option<crate::model::precision::Precision>,
     /// Engine of the forward pass: auto uses ONNX Runtime for fp32 on the CPU (the same outputs,
     /// faster; its library comes with scripts/setup) and libtorch otherwise; torch forces
     /// libtorch; onnxruntime fails where ONNX Runtime cannot be loaded.

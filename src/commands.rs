@@ -10,7 +10,7 @@ use crate::eval::{self, EvalOptions};
 use crate::fetch::{self, Client, ClientOptions, MetadataFetch, TagFetch};
 use crate::infer::{self, InferOptions};
 use crate::model::load_for_inference;
-use crate::train::amp::Precision;
+use crate::model::precision::Precision;
 use crate::train::fit;
 use crate::train::loss::Loss;
 use crate::train::recipe::RecipeSettings;
@@ -318,10 +318,11 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
         })?,
     }
     crate::errln!(
-        "exported {} as {:?} to {}: input images uint8 [N, {s}, {s}, 3] BGR, output probabilities float32 [N, {}]",
+        "exported {} as {:?} to {}: input images uint8 [N, {s}, {s}, 3] {}, output probabilities float32 [N, {}]",
         model.description,
         args.format,
         args.output.display(),
+        crate::data::preprocess::CHANNEL_ORDER,
         model.taxonomy.labels.len(),
         s = model.image_size
     );

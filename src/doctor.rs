@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use crate::gpu::{self, GpuFacts, Verdict};
 
+// src/shim/build_info.cpp
 extern "C" {
     fn trainer_show_config(out: *mut c_char, len: c_int) -> c_int;
 }

@@ -348,19 +348,19 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     let (size, batch) = (model.image_size, opts.batch_size.max(1));
     let folders = todo.clone();
     let producer = std::thread::spawn(move || decode_folders(folders, size, batch, tx));
-    let mut tagger = Tagger::new(model, opts);
+    let mut writer = TagWriter::new(model, opts);
     let mut result = Ok(());
     for items in rx {
         if progress::interrupted() {
             break;
         }
-        result = tagger.tag(items, &todo, &mut summary, &bar);
+        result = writer.tag(items, &todo, &mut summary, &bar);
         if result.is_err() {
             break;
         }
     }
     summary.interrupted = progress::interrupted();
-    drop(tagger);
+    drop(writer);
     if producer.join().is_err() {
         bail!("the decoding thread failed");
     }
@@ -370,22 +370,22 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     Ok(summary)
 }
 
-/// The model side of `run`: predicts each decoded batch and writes a folder's JSON file when its
-/// last image is done. Only the folders in progress are held in memory.
-struct Tagger<'a> {
+/// The model side of `run`: tags each decoded batch (the network is `model::efficientnet::Tagger`)
+/// and writes a folder's JSON file when its last image is done. Only the folders in progress are held in memory.
+struct TagWriter<'a> {
     model: &'a LoadedModel,
     opts: &'a InferOptions,
     thresholds: Vec<f32>,
     open: std::collections::HashMap<usize, Map<String, Value>>,
 }
 
-impl<'a> Tagger<'a> {
+impl<'a> TagWriter<'a> {
     fn new(model: &'a LoadedModel, opts: &'a InferOptions) -> Self {
         let thresholds = match opts.threshold {
             Some(t) => vec![t; model.taxonomy.labels.len()],
             None => model.thresholds.clone(),
         };
-        Tagger {
+        TagWriter {
             model,
             opts,
             thresholds,

@@ -4,15 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use trainer::model::checkpoint::Checkpoint;
-
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
 
 /// `trainer fit` on the sample at 32 px, global batch 16, with the original augmentations.
 fn fit_cmd(dir: &Path, run: &str, epochs: &str, more: &[&str]) -> Command {
@@ -28,17 +24,11 @@ fn fit_cmd(dir: &Path, run: &str, epochs: &str, more: &[&str]) -> Command {
             "16",
         ])
         .arg("--data")
-        .arg(data())
+        .arg(common::data())
         .args(["--epochs", epochs, "--run", run])
         .args(["--weights-dir", &format!("w-{run}")])
         .args(more);
     cmd
-}
-
-fn ok(out: Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "fit failed:\n{stderr}");
-    stderr
 }
 
 /// Rank `rank` of 2, started by hand with torchrun's five variables.
@@ -55,11 +45,10 @@ fn rank(dir: &Path, run: &str, epochs: &str, rank: usize, port: u16, more: &[&st
 }
 
 fn train_losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("results.csv"))
-        .unwrap()
-        .lines()
+    common::results_rows(run)
+        .iter()
         .skip(1)
-        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .map(|row| row[1].parse().unwrap())
         .collect()
 }
 
@@ -90,17 +79,21 @@ fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
     let d = dir.path();
     // One thread, as each of the two ranks gets on this machine's 2 cores: the same kernels sum
     // in the same order (Adam's first steps magnify rounding in near-zero gradients).
-    ok(fit_cmd(d, "acc", "2", &["--accumulate", "2"])
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap());
+    common::ok(
+        fit_cmd(d, "acc", "2", &["--accumulate", "2"])
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .unwrap(),
+    );
     let cache = d.join("cache");
-    let stderr = ok(fit_cmd(d, "two", "2", &["--nproc-per-node", "2"])
-        .arg("--cache-dir")
-        .arg(&cache)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap());
+    let stderr = common::ok(
+        fit_cmd(d, "two", "2", &["--nproc-per-node", "2"])
+            .arg("--cache-dir")
+            .arg(&cache)
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .unwrap(),
+    );
     assert!(stderr.contains("starting 2 ranks"), "{stderr}");
     // The ranks shared one decoded-image file.
     let pixels: Vec<String> = files(&cache)
@@ -134,7 +127,7 @@ fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
     ];
     for child in children {
         let out = child.wait_with_output().unwrap();
-        ok(out);
+        common::ok(out);
     }
     assert_eq!(train_losses(&runs.join("env")), two);
     let diff = weight_diff(&runs.join("env/last.ckpt"), &runs.join("two/last.ckpt"));
@@ -148,7 +141,7 @@ fn two_ranks_train_what_one_process_accumulating_two_micro_batches_trains() {
         ])
         .output()
         .unwrap();
-    let stderr = ok(out);
+    let stderr = common::ok(out);
     assert!(
         stderr.contains("resuming runs/two after epoch 2"),
         "{stderr}"
@@ -235,8 +228,8 @@ fn a_two_rank_run_resumed_on_two_ranks_equals_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let two = ["--nproc-per-node", "2"];
-    ok(fit_cmd(d, "whole", "3", &two).output().unwrap());
-    ok(fit_cmd(d, "part", "2", &two).output().unwrap());
+    common::ok(fit_cmd(d, "whole", "3", &two).output().unwrap());
+    common::ok(fit_cmd(d, "part", "2", &two).output().unwrap());
     let out = common::trainer()
         .current_dir(d)
         .args([
@@ -251,7 +244,7 @@ fn a_two_rank_run_resumed_on_two_ranks_equals_an_uninterrupted_one() {
         .args(two)
         .output()
         .unwrap();
-    ok(out);
+    common::ok(out);
     let runs = d.join("runs");
     let (a, b) = (
         Checkpoint::read(&runs.join("whole/last.ckpt")).unwrap(),

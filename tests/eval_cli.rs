@@ -3,16 +3,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use trainer::data::taxonomy::Taxonomy;
 use trainer::eval::report;
 use trainer::metrics::implied_parents;
-
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
 
 fn run(args: &[&str]) -> String {
     let out = common::trainer().args(args).output().unwrap();
@@ -124,7 +120,7 @@ fn report_agrees_with_a_longhand_computation_on_the_oracle_probabilities() {
 fn eval_equals_metrics_from_infer_output_and_draws_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let weights = common::oracle().join("ndl_b0_model.hdf5");
-    let (w, d) = (weights.to_str().unwrap(), data());
+    let (w, d) = (weights.to_str().unwrap(), common::data());
     let out = dir.path().join("eval");
     run(&[
         "eval",
@@ -256,7 +252,7 @@ fn eval_equals_metrics_from_infer_output_and_draws_pictures() {
 fn calibration_never_lowers_f1_and_infer_applies_it() {
     let dir = tempfile::tempdir().unwrap();
     let weights = common::oracle().join("ndl_b0_weights.h5");
-    let d = data();
+    let d = common::data();
     let out = dir.path().join("cal");
     run(&[
         "eval",

@@ -11,10 +11,6 @@ use trainer::metrics;
 use trainer::model::arch::Arch;
 use trainer::model::{keras, LoadedModel};
 
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
-
 fn notop() -> PathBuf {
     common::oracle().join("b0_notop_weights.h5")
 }
@@ -30,12 +26,6 @@ fn fit(dir: &Path, args: &[&str]) -> Output {
     out
 }
 
-fn ok(out: Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "fit failed:\n{stderr}");
-    stderr
-}
-
 fn fail(out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "fit should have failed:\n{stderr}");
@@ -44,21 +34,13 @@ fn fail(out: Output) -> String {
 
 /// Probabilities of a model on every image of the bundled dataset, with the targets.
 fn predict_all(model: &LoadedModel) -> (Vec<f32>, Vec<f32>) {
-    let (taxonomy, samples) = dataset::open(&data(), None).unwrap();
-    let cache = dataset::load_cache(&data(), samples, &taxonomy, model.image_size).unwrap();
+    let (taxonomy, samples) = dataset::open(&common::data(), None).unwrap();
+    let cache = dataset::load_cache(&common::data(), samples, &taxonomy, model.image_size).unwrap();
     let n = cache.samples.len();
     let pixels = Vec::<u8>::try_from(cache.pixels.flatten(0, -1)).unwrap();
     let probs = model.predict(&pixels, n).unwrap();
     let targets = Vec::<f32>::try_from(cache.targets.flatten(0, -1)).unwrap();
     (probs, targets)
-}
-
-fn csv_rows(run: &Path) -> Vec<Vec<String>> {
-    std::fs::read_to_string(run.join("results.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| l.split(',').map(String::from).collect())
-        .collect()
 }
 
 const SMALL: &[&str] = &[
@@ -74,7 +56,7 @@ const SMALL: &[&str] = &[
 fn learns_the_sample_from_the_imagenet_style_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let notop = notop();
-    let data = data();
+    let data = common::data();
     let mut args = vec![
         "--data",
         data.to_str().unwrap(),
@@ -92,8 +74,8 @@ fn learns_the_sample_from_the_imagenet_style_backbone() {
         "--run",
         "learn",
     ]);
-    ok(fit(dir.path(), &args));
-    let rows = csv_rows(&dir.path().join("runs/learn"));
+    common::ok(fit(dir.path(), &args));
+    let rows = common::results_rows(&dir.path().join("runs/learn"));
     assert_eq!(rows.len(), 41);
     let loss = |r: &Vec<String>| r[1].parse::<f64>().unwrap();
     assert!(
@@ -112,7 +94,7 @@ fn learns_the_sample_from_the_imagenet_style_backbone() {
 #[test]
 fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
     let dir = tempfile::tempdir().unwrap();
-    let (notop, data) = (notop(), data());
+    let (notop, data) = (notop(), common::data());
     let mut args = vec![
         "--data",
         data.to_str().unwrap(),
@@ -121,7 +103,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
     ];
     args.extend_from_slice(SMALL);
     args.extend_from_slice(&["--epochs", "2", "--run", "rt"]);
-    ok(fit(dir.path(), &args));
+    common::ok(fit(dir.path(), &args));
     let best = LoadedModel::load(&dir.path().join("runs/rt/best.ckpt"), Device::Cpu).unwrap();
     let best_meta =
         trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs/rt/best.ckpt"))
@@ -143,7 +125,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
         image_size: 64,
         description: String::new(),
         path: hdf5.clone(),
-        precision: trainer::train::amp::Precision::Fp32,
+        precision: trainer::model::precision::Precision::Fp32,
         onnx: None,
     };
     let (a, _) = predict_all(&best);
@@ -158,7 +140,7 @@ fn keras_weights_of_a_run_give_the_best_checkpoints_probabilities() {
 #[test]
 fn resumed_run_equals_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
-    let (notop, data) = (notop(), data());
+    let (notop, data) = (notop(), common::data());
     let mut base = vec![
         "--data",
         data.to_str().unwrap(),
@@ -168,11 +150,11 @@ fn resumed_run_equals_an_uninterrupted_one() {
     base.extend_from_slice(&["--image-size", "64", "--batch-size", "12"]);
     let mut whole = base.clone();
     whole.extend_from_slice(&["--epochs", "4", "--run", "whole"]);
-    ok(fit(dir.path(), &whole));
+    common::ok(fit(dir.path(), &whole));
     let mut part = base.clone();
     part.extend_from_slice(&["--epochs", "2", "--run", "part"]);
-    ok(fit(dir.path(), &part));
-    let stderr = ok(fit(dir.path(), &["--resume", "runs/part", "--epochs", "4"]));
+    common::ok(fit(dir.path(), &part));
+    let stderr = common::ok(fit(dir.path(), &["--resume", "runs/part", "--epochs", "4"]));
     assert!(
         stderr.contains("resuming runs/part after epoch 2"),
         "{stderr}"
@@ -205,7 +187,7 @@ fn resumed_run_equals_an_uninterrupted_one() {
 }
 
 fn copy_dataset(to: &Path) {
-    for entry in std::fs::read_dir(data()).unwrap() {
+    for entry in std::fs::read_dir(common::data()).unwrap() {
         let tag = entry.unwrap().path();
         let dst = to.join(tag.file_name().unwrap());
         std::fs::create_dir_all(&dst).unwrap();
@@ -248,7 +230,7 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
     };
 
     // A good run first: its folder must survive the failures below untouched.
-    ok(run(&["--run", "good"]));
+    common::ok(run(&["--run", "good"]));
     let good = dir.path().join("runs/good");
     let snapshot: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&good)
         .unwrap()
@@ -261,7 +243,7 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
 
     // A corrupt image is reported by path and left out; training goes on.
     std::fs::write(d.join("stamp/broken.jpg"), b"\xFF\xD8\xFF\xE0 truncated").unwrap();
-    let stderr = ok(run(&["--run", "with-corrupt"]));
+    let stderr = common::ok(run(&["--run", "with-corrupt"]));
     assert!(
         stderr.contains("broken.jpg") && stderr.contains("skipped"),
         "{stderr}"
@@ -375,7 +357,7 @@ fn bad_datasets_and_init_files_are_refused_clearly() {
 #[test]
 fn fast_paths_run_on_a_cpu_only_machine() {
     let dir = tempfile::tempdir().unwrap();
-    let (notop, data) = (notop(), data());
+    let (notop, data) = (notop(), common::data());
     for (run, precision, format) in [
         ("bf16", "bf16", "channels-last"),
         ("fp16", "fp16", "contiguous"),
@@ -398,14 +380,14 @@ fn fast_paths_run_on_a_cpu_only_machine() {
             "--run",
             run,
         ];
-        let stderr = ok(fit(dir.path(), &args));
+        let stderr = common::ok(fit(dir.path(), &args));
         assert!(
             stderr
                 .to_lowercase()
                 .contains(&format!("precision {precision}")),
             "{stderr}"
         );
-        let rows = csv_rows(&dir.path().join("runs").join(run));
+        let rows = common::results_rows(&dir.path().join("runs").join(run));
         let loss: f64 = rows[1][1].parse().unwrap();
         assert!(loss.is_finite() && loss > 0.0, "{run}: {loss}");
     }
@@ -424,7 +406,7 @@ fn fast_paths_run_on_a_cpu_only_machine() {
 #[test]
 fn ctrl_c_keeps_a_resumable_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data();
+    let data = common::data();
     let child = common::trainer()
         .current_dir(dir.path())
         .args([
@@ -467,7 +449,7 @@ fn ctrl_c_keeps_a_resumable_last_checkpoint() {
         stderr.contains("trainer fit --resume runs/stop"),
         "{stderr}"
     );
-    let rows = csv_rows(&dir.path().join("runs/stop"));
+    let rows = common::results_rows(&dir.path().join("runs/stop"));
     let last =
         trainer::model::checkpoint::Checkpoint::read(&dir.path().join("runs/stop/last.ckpt"))
             .unwrap();
@@ -480,12 +462,12 @@ fn ctrl_c_keeps_a_resumable_last_checkpoint() {
         .unwrap()
         .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
     let next = (last.meta.epoch + 1).to_string();
-    ok(fit(
+    common::ok(fit(
         dir.path(),
         &["--resume", "runs/stop", "--epochs", &next],
     ));
     assert_eq!(
-        csv_rows(&dir.path().join("runs/stop")).len(),
+        common::results_rows(&dir.path().join("runs/stop")).len(),
         last.meta.epoch + 2
     );
 }
@@ -493,7 +475,7 @@ fn ctrl_c_keeps_a_resumable_last_checkpoint() {
 #[test]
 fn a_diverging_run_stops_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data();
+    let data = common::data();
     let args = [
         "--data",
         data.to_str().unwrap(),
@@ -518,7 +500,7 @@ fn a_diverging_run_stops_with_a_clear_message() {
     assert!(stderr.contains("a lower --lr may help"), "{stderr}");
     assert!(!dir.path().join("runs/nan/last.ckpt").exists());
     assert_eq!(
-        csv_rows(&dir.path().join("runs/nan")).len(),
+        common::results_rows(&dir.path().join("runs/nan")).len(),
         1,
         "no row for a diverged epoch"
     );

@@ -17,13 +17,9 @@ fn keras_model() -> PathBuf {
     common::oracle().join("ndl_b0_model.hdf5")
 }
 
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
-
 /// The first JPEG of the bundled dataset.
 fn a_jpeg() -> PathBuf {
-    let dir = data().join("stamp");
+    let dir = common::data().join("stamp");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -38,10 +34,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn infer(dir: &Path, weights: &Path, input: &Path, extra: &[&str]) -> Output {
@@ -73,7 +65,7 @@ fn decompression_bombs_are_skipped_by_path_and_the_job_goes_on() {
     std::fs::copy(a_jpeg(), book.join("good.jpg")).unwrap();
     std::fs::write(book.join("bomb.jpg"), jpeg_bomb(65000, 65000)).unwrap();
     let out = infer(dir.path(), &keras_model(), &dir.path().join("in"), &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains("bomb.jpg") && err.contains("65000x65000"),
@@ -92,7 +84,7 @@ fn decompression_bombs_are_skipped_by_path_and_the_job_goes_on() {
         &dir.path().join("in"),
         &["--max-pixels", "1000", "--overwrite"],
     );
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(err.contains("tagged 0 images, skipped 2"), "{err}");
     assert!(err.contains("more than the limit of 1000 pixels"), "{err}");
 }
@@ -113,7 +105,7 @@ fn broken_links_loops_and_pipes_are_reported_by_path() {
         .unwrap()
         .success());
     let out = infer(dir.path(), &keras_model(), &dir.path().join("in"), &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(out.status.success(), "{err}");
     for name in ["dangling.jpg", "loop_a.jpg", "loop_b.jpg"] {
         let line = err
@@ -130,7 +122,7 @@ fn broken_links_loops_and_pipes_are_reported_by_path() {
 
     // The same in a training dataset: reported by path, left out, the rest used.
     let data_copy = dir.path().join("data");
-    for entry in std::fs::read_dir(data()).unwrap().flatten() {
+    for entry in std::fs::read_dir(common::data()).unwrap().flatten() {
         let to = data_copy.join(entry.file_name());
         std::fs::create_dir_all(&to).unwrap();
         for f in std::fs::read_dir(entry.path()).unwrap().flatten() {
@@ -153,7 +145,7 @@ fn broken_links_loops_and_pipes_are_reported_by_path() {
             "eval",
         ],
     );
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains("stamp/dangling.jpg: not a readable image (broken or looping symbolic link"),
@@ -182,7 +174,7 @@ fn loose_images_and_a_subfolder_of_the_same_name_are_refused_before_any_work() {
     std::fs::copy(a_jpeg(), input.join("scans/inner.jpg")).unwrap();
     std::fs::copy(a_jpeg(), input.join("other/x.jpg")).unwrap();
     let out = infer(dir.path(), &keras_model(), &input, &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("loose images and its subfolder scans/ would both be written to scans.json"),
@@ -227,7 +219,7 @@ fn edited_checkpoint_metadata_is_refused_with_the_field_name() {
     let good = dir.path().join("good.ckpt");
     checkpoint_with(&good, |_| {}, |_| {});
     let out = infer(dir.path(), &good, &input, &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", common::stderr(&out));
 
     type Edit = Box<dyn FnOnce(&mut CheckpointMeta)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
@@ -293,13 +285,13 @@ fn edited_checkpoint_metadata_is_refused_with_the_field_name() {
                         "--weights",
                         path.to_str().unwrap(),
                         "--data",
-                        data().to_str().unwrap(),
+                        common::data().to_str().unwrap(),
                         "--output",
                         "eval_out",
                     ],
                 )
             };
-            let err = stderr(&out);
+            let err = common::stderr(&out);
             assert_eq!(out.status.code(), Some(1), "{name} {command}: {err}");
             assert!(
                 err.contains(&format!("{name}.ckpt: bad metadata: {expected}")),
@@ -323,7 +315,7 @@ fn a_flipped_byte_in_a_checkpoint_is_detected() {
     bytes[at] ^= 0x10;
     std::fs::write(&path, bytes).unwrap();
     let out = infer(dir.path(), &path, &input, &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("flipped.ckpt: the tensors do not match their checksum"),
@@ -349,7 +341,7 @@ fn nan_weights_are_refused_naming_the_file_and_tensor() {
     let ckpt = dir.path().join("nan.ckpt");
     checkpoint_with(&ckpt, |_| {}, poison);
     let out = infer(dir.path(), &ckpt, &input, &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("nan.ckpt: tensor") && err.contains("top_conv") && err.contains("not finite"),
@@ -372,7 +364,7 @@ fn nan_weights_are_refused_naming_the_file_and_tensor() {
         trainer::model::keras::save_weights(&vs, trainer::model::arch::Arch::B0, scratch).unwrap()
     });
     let out = infer(dir.path(), &h5, &input, &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("nan.hdf5: tensor") && err.contains("not finite"),
@@ -394,7 +386,7 @@ fn weights_locked_by_a_writer_are_refused_with_what_to_do() {
         .unwrap();
     writer.lock().unwrap();
     let out = infer(dir.path(), &weights, &input, &[]);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("busy.hdf5") && err.contains("HDF5_USE_FILE_LOCKING=FALSE"),
@@ -410,7 +402,7 @@ fn weights_locked_by_a_writer_are_refused_with_what_to_do() {
         .args(["--output", "out"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", common::stderr(&out));
     drop(writer);
 }
 
@@ -477,7 +469,7 @@ fn out_of_range_options_are_refused_with_their_range() {
     ];
     for (args, range) in cases {
         let out = run(dir.path(), args);
-        let err = stderr(&out);
+        let err = common::stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(range), "{args:?}: {err}");
     }
@@ -486,7 +478,7 @@ fn out_of_range_options_are_refused_with_their_range() {
 }
 
 fn fit(dir: &Path, extra: &[&str]) -> Output {
-    let data = data();
+    let data = common::data();
     let mut args = vec!["fit", "--device", "cpu", "--data", data.to_str().unwrap()];
     args.extend(extra);
     run(dir, &args)
@@ -509,7 +501,7 @@ fn a_failing_init_creates_no_run_folder() {
         let mut args = vec!["--init", init, "--epochs", "1"];
         args.extend(SMALL);
         let out = fit(dir.path(), &args);
-        let err = stderr(&out);
+        let err = common::stderr(&out);
         assert!(!out.status.success(), "{err}");
         assert!(err.contains(init), "{err}");
         assert!(
@@ -520,11 +512,10 @@ fn a_failing_init_creates_no_run_folder() {
 }
 
 fn rows(run: &Path) -> Vec<String> {
-    std::fs::read_to_string(run.join("results.csv"))
-        .unwrap()
-        .lines()
+    common::results_rows(run)
+        .into_iter()
         .skip(1)
-        .map(|l| l.split(',').next().unwrap().to_string())
+        .map(|row| row[0].clone())
         .collect()
 }
 
@@ -538,7 +529,7 @@ fn run_folders_survive_kills_full_disks_and_concurrent_runs() {
     let mut args = vec!["--run", "r", "--epochs", "1", "--weights-dir", "blocked"];
     args.extend(SMALL);
     let out = fit(dir.path(), &args);
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("epoch 1 is checkpointed"), "{err}");
     assert_eq!(rows(&run_dir), ["1"]);
@@ -550,7 +541,7 @@ fn run_folders_survive_kills_full_disks_and_concurrent_runs() {
         dir.path(),
         &["--resume", "runs/r", "--epochs", "2", "--weights-dir", "w2"],
     );
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert!(out.status.success(), "{err}");
     assert_eq!(rows(&run_dir), ["1", "2"]);
     assert!(!run_dir.join(".last.ckpt.Xy12ab.tmp").exists());
@@ -568,7 +559,7 @@ fn run_folders_survive_kills_full_disks_and_concurrent_runs() {
         vec!["--run", "new", "--epochs", "1", "--image-size", "48"],
     ] {
         let out = fit(dir.path(), &args);
-        let err = stderr(&out);
+        let err = common::stderr(&out);
         assert!(!out.status.success(), "{err}");
         assert!(
             err.contains(&format!(
@@ -584,11 +575,11 @@ fn run_folders_survive_kills_full_disks_and_concurrent_runs() {
 
     // The training recipe cannot change on resume; the number of epochs must grow.
     let out = fit(dir.path(), &["--resume", "runs/r", "--lr", "0.1"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
     let out = fit(dir.path(), &["--resume", "runs/r", "--epochs", "2"]);
     assert!(
-        stderr(&out).contains("already holds 2 epochs"),
+        common::stderr(&out).contains("already holds 2 epochs"),
         "{}",
-        stderr(&out)
+        common::stderr(&out)
     );
 }

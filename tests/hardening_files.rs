@@ -13,10 +13,6 @@ use std::process::{Child, Command, Output, Stdio};
 
 use trainer::data::{dataset, disk_cache};
 
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
-
 /// A file of the user's that a link planted by someone else points to.
 fn victim(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
@@ -73,10 +69,6 @@ fn temporaries(dir: &Path) -> Vec<String> {
         .into_iter()
         .filter(|n| n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".tmp.lock")))
         .collect()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Run as a child by [`writer`] only: writes half of `HARDENING_WRITE` through the program's
@@ -159,8 +151,8 @@ fn cache_key(data: &Path) -> String {
 }
 
 fn load(cache: &Path) -> anyhow::Result<disk_cache::Provenance> {
-    let (taxonomy, samples) = dataset::open(&data(), None).unwrap();
-    disk_cache::load(cache, &data(), samples, &taxonomy, 32).map(|(_, how)| how)
+    let (taxonomy, samples) = dataset::open(&common::data(), None).unwrap();
+    disk_cache::load(cache, &common::data(), samples, &taxonomy, 32).map(|(_, how)| how)
 }
 
 #[test]
@@ -171,7 +163,7 @@ fn the_image_cache_is_private_and_follows_no_planted_link() {
     let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the cache folder is {mode:o}");
 
-    let key = cache_key(&data());
+    let key = cache_key(&common::data());
     let cache = tmp.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
     let victims: Vec<PathBuf> = ["lock.txt", "json.txt", "pixels.txt"]
@@ -215,7 +207,7 @@ fn cache_clean_up_removes_only_month_old_entries_the_cache_wrote() {
     // An entry of the cache's own, to copy as an old one under another key.
     let made = tmp.path().join("made");
     load(&made).unwrap();
-    let key = cache_key(&data());
+    let key = cache_key(&common::data());
     let cache = tmp.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
     let hex = |c: char| c.to_string().repeat(64);
@@ -296,7 +288,7 @@ fn fit(dir: &Path, cache: &Path, more: &[&str]) -> Output {
             "16",
         ])
         .arg("--data")
-        .arg(data())
+        .arg(common::data())
         .arg("--cache-dir")
         .arg(cache)
         .args(["--epochs", "1", "--run", "r", "--weights-dir", "w"])
@@ -315,11 +307,15 @@ fn fit_follows_no_planted_link_and_clears_only_dead_writers_temporaries() {
         .collect();
     let cache = dir.join("cache");
     std::fs::create_dir(&cache).unwrap();
-    let key_lock = cache.join(format!("{}.lock", cache_key(&data())));
+    let key_lock = cache.join(format!("{}.lock", cache_key(&common::data())));
     link(&victims[0], &key_lock);
     let out = fit(dir, &cache, &[]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert!(
+        common::stderr(&out).contains("symbolic link"),
+        "{}",
+        common::stderr(&out)
+    );
     std::fs::remove_file(&key_lock).unwrap();
 
     // The run folder's lock.
@@ -328,7 +324,11 @@ fn fit_follows_no_planted_link_and_clears_only_dead_writers_temporaries() {
     link(&victims[1], &run.join(".lock"));
     let out = fit(dir, &cache, &[]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert!(
+        common::stderr(&out).contains("symbolic link"),
+        "{}",
+        common::stderr(&out)
+    );
     std::fs::remove_file(run.join(".lock")).unwrap();
 
     // The run's own files and a link named like a temporary; the weights folder with the
@@ -355,7 +355,7 @@ fn fit_follows_no_planted_link_and_clears_only_dead_writers_temporaries() {
     assert_eq!(live_tmps.len(), 3, "{live_tmps:?}");
 
     let out = fit(dir, &cache, &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", common::stderr(&out));
     let left = temporaries(&weights);
     kill(live_h5);
     kill(live);
@@ -376,7 +376,7 @@ fn infer_clears_a_killed_writers_temporary_and_keeps_a_live_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in/book");
     std::fs::create_dir_all(&input).unwrap();
-    let stamp = data().join("stamp");
+    let stamp = common::data().join("stamp");
     let first = std::fs::read_dir(&stamp)
         .unwrap()
         .next()
@@ -405,7 +405,7 @@ fn infer_clears_a_killed_writers_temporary_and_keeps_a_live_ones() {
         .unwrap();
     let left = temporaries(&out);
     kill(live);
-    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(result.status.success(), "{}", common::stderr(&result));
     assert_eq!(left, live_tmp, "killed writer's: {killed:?}");
 }
 
@@ -446,7 +446,7 @@ fn a_two_rank_jobs_rendezvous_listens_on_loopback_only() {
             "16",
         ])
         .arg("--data")
-        .arg(data())
+        .arg(common::data())
         .args([
             "--epochs",
             "1",

@@ -59,19 +59,9 @@ fn run(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn ok(out: Output) -> String {
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
-    err
-}
-
 /// A refusal: a clean exit with an error (not a crash of an allocation beyond the limit).
 fn refused(out: Output) -> String {
-    let err = stderr(&out);
+    let err = common::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("error: "), "{err}");
     err
@@ -86,7 +76,7 @@ fn python_rows(path: &Path, fields: usize) -> Vec<Vec<String>> {
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", common::stderr(&out));
     let rows: Vec<Vec<String>> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!rows.is_empty(), "{}", path.display());
     for row in &rows {
@@ -371,7 +361,7 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
     dataset(&d.join("=data"), &names, &WEIRD_FILES, 3);
     let mut args = FIT.to_vec();
     args.extend(["--data", "=data", "--run", "w", "--taxonomy", "t.json"]);
-    ok(run(d, &args));
+    common::ok(run(d, &args));
 
     let header_and_rows = |expected_rows: usize| {
         let rows = python_rows(&d.join("runs/w/results.csv"), results_fields(labels.len()));
@@ -383,7 +373,7 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
     };
     header_and_rows(1);
     // The checkpoints fit wrote are accepted: resume, eval, infer.
-    ok(run(
+    common::ok(run(
         d,
         &[
             "fit", "--device", "cpu", "--resume", "runs/w", "--epochs", "2",
@@ -392,7 +382,7 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
     header_and_rows(2);
     assert!(d.join("runs/w/results.png").exists());
 
-    ok(run(
+    common::ok(run(
         d,
         &[
             "eval",
@@ -442,7 +432,7 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
     // infer's JSON carries the labels as they are (JSON strings, not spreadsheet fields).
     std::fs::create_dir_all(d.join("in/book")).unwrap();
     std::fs::copy(a_jpeg(), d.join("in/book/p.jpg")).unwrap();
-    ok(run(
+    common::ok(run(
         d,
         &[
             "infer",
@@ -484,7 +474,7 @@ fn weird_labels_and_file_names_give_csv_files_python_reads_with_formulas_neutral
         "--split",
         "runs/w",
     ];
-    ok(run(d, &split));
+    common::ok(run(d, &split));
     let report = std::fs::read_to_string(d.join("sp/eval.json")).unwrap();
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(
@@ -525,10 +515,10 @@ fn the_most_labels_train_and_evaluate_in_bounded_pictures_under_a_memory_limit()
     dataset(&d.join("data"), &["all", "half"], &["a.jpg", "b.jpg"], 2);
     let mut args = FIT.to_vec();
     args.extend(["--data", "data", "--run", "m", "--taxonomy", "t.json"]);
-    ok(run(d, &args));
+    common::ok(run(d, &args));
     let rows = python_rows(&d.join("runs/m/results.csv"), results_fields(MAX_LABELS));
     assert_eq!(rows.len(), 2);
-    ok(run(
+    common::ok(run(
         d,
         &[
             "eval",

@@ -4,15 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use trainer::model::checkpoint::Checkpoint;
 use trainer::train::recipe::{LrSchedule, RecipeSettings};
-
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
 
 /// Small runs: 32 px, batch 12, the bundled sample.
 const SMALL: [&str; 4] = ["--image-size", "32", "--batch-size", "12"];
@@ -26,19 +22,8 @@ fn fit(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(out: Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "fit failed:\n{stderr}");
-    stderr
-}
-
 fn rows(run: &Path) -> Vec<Vec<String>> {
-    std::fs::read_to_string(run.join("results.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').map(String::from).collect())
-        .collect()
+    common::results_rows(run).into_iter().skip(1).collect()
 }
 
 fn max_abs(t: &tch::Tensor) -> f64 {
@@ -48,7 +33,7 @@ fn max_abs(t: &tch::Tensor) -> f64 {
 #[test]
 fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data();
+    let data = common::data();
     let base = [
         SMALL[0],
         SMALL[1],
@@ -72,20 +57,20 @@ fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
         "1",
     ];
     let with = |more: &[&'static str]| -> Vec<&str> { base.iter().chain(more).copied().collect() };
-    let stderr = ok(fit(dir.path(), &with(&["--epochs", "3", "--run", "whole"])));
+    let stderr = common::ok(fit(dir.path(), &with(&["--epochs", "3", "--run", "whole"])));
     let shown = stderr
         .lines()
         .find(|l| l.starts_with("pos_weight (negatives/positives of the training split)"))
         .unwrap_or_else(|| panic!("{stderr}"));
     assert_eq!(shown.matches(", ").count() + 1, 11, "{shown}");
 
-    ok(fit(dir.path(), &with(&["--epochs", "1", "--run", "part"])));
+    common::ok(fit(dir.path(), &with(&["--epochs", "1", "--run", "part"])));
     let runs = dir.path().join("runs");
     let first = Checkpoint::read(&runs.join("part/last.ckpt")).unwrap();
     // Epoch 1 trained only the head: the backbone's Adam moments are still zero.
     assert_eq!(max_abs(&first.tensors["adam.m.stem_conv.weight"]), 0.0);
     assert!(max_abs(&first.tensors["adam.m.dense_2.weight"]) > 0.0);
-    let stderr = ok(fit(dir.path(), &["--resume", "runs/part", "--epochs", "3"]));
+    let stderr = common::ok(fit(dir.path(), &["--resume", "runs/part", "--epochs", "3"]));
     assert!(
         stderr.contains("resuming runs/part after epoch 1"),
         "{stderr}"
@@ -173,7 +158,7 @@ fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
 #[test]
 fn early_stopping_ends_the_run_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data();
+    let data = common::data();
     let mut args: Vec<&str> = SMALL.to_vec();
     args.extend([
         "--data",
@@ -189,7 +174,7 @@ fn early_stopping_ends_the_run_and_says_why() {
         "--run",
         "p",
     ]);
-    let stderr = ok(fit(dir.path(), &args));
+    let stderr = common::ok(fit(dir.path(), &args));
     let run = dir.path().join("runs/p");
     let reason = std::fs::read_to_string(run.join("stopped.txt")).unwrap();
     assert!(reason.starts_with("early stopping after epoch"), "{reason}");

@@ -7,10 +7,6 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
-
 /// `eval --report --review 3` of the Keras oracle model on the bundled dataset, into `out`.
 fn report(out: &Path) -> String {
     let output = common::trainer()
@@ -25,7 +21,7 @@ fn report(out: &Path) -> String {
         ])
         .arg(common::oracle().join("ndl_b0_model.hdf5"))
         .arg("--data")
-        .arg(data())
+        .arg(common::data())
         .arg("--output")
         .arg(out)
         .output()
@@ -95,7 +91,7 @@ fn the_report_is_self_contained_and_shows_every_top_mistake() {
         let r = record.unwrap();
         let (label, rank, path) = (&r[0], &r[1], &r[5]);
         let relative = Path::new(path)
-            .strip_prefix(data())
+            .strip_prefix(common::data())
             .unwrap()
             .display()
             .to_string();

@@ -15,16 +15,8 @@ use trainer::data::taxonomy::Taxonomy;
 use trainer::model::checkpoint::{self, Checkpoint};
 use trainer::model::efficientnet::{Tagger, TaggerConfig};
 
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
-
 fn keras_model() -> PathBuf {
     common::oracle().join("ndl_b0_model.hdf5")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The write end of a pipe whose read end is already closed: every write fails with EPIPE, as
@@ -43,14 +35,14 @@ fn full_device() -> Stdio {
 }
 
 fn no_panic(out: &Output) {
-    let text = stderr(out);
+    let text = common::stderr(out);
     assert!(!text.contains("panicked"), "{text}");
 }
 
 /// `count` folders of three sample images each (hard links), for a job of a few seconds.
 fn book_shelf(dir: &Path, count: usize) -> PathBuf {
     let input = dir.join("input");
-    let mut images: Vec<PathBuf> = std::fs::read_dir(data().join("stamp"))
+    let mut images: Vec<PathBuf> = std::fs::read_dir(common::data().join("stamp"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -138,11 +130,16 @@ fn sigterm_stops_infer_after_the_batch_and_sighup_is_ignored() {
         .unwrap();
     signal_when(&child, "-TERM", || json_count(&out) > 0);
     let result = child.wait_with_output().unwrap();
-    assert_eq!(result.status.code(), Some(143), "{}", stderr(&result));
-    assert!(
-        stderr(&result).contains("run the same command again"),
+    assert_eq!(
+        result.status.code(),
+        Some(143),
         "{}",
-        stderr(&result)
+        common::stderr(&result)
+    );
+    assert!(
+        common::stderr(&result).contains("run the same command again"),
+        "{}",
+        common::stderr(&result)
     );
     let written = whole_json_files(&out);
     assert!(
@@ -157,7 +154,7 @@ fn sigterm_stops_infer_after_the_batch_and_sighup_is_ignored() {
         .unwrap();
     signal_when(&child, "-HUP", || json_count(&out) > written);
     let result = child.wait_with_output().unwrap();
-    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(result.status.success(), "{}", common::stderr(&result));
     assert_eq!(whole_json_files(&out), 60);
 }
 
@@ -192,13 +189,13 @@ fn closed_or_full_output_never_costs_results() {
         .output()
         .unwrap();
     no_panic(&result);
-    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(result.status.success(), "{}", common::stderr(&result));
 }
 
 #[test]
 fn fit_and_eval_report_finish_with_stderr_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data();
+    let data = common::data();
     let result = common::trainer()
         .current_dir(dir.path())
         .args(["fit", "--device", "cpu", "--data", data.to_str().unwrap()])
@@ -251,7 +248,7 @@ fn fit_and_eval_report_finish_with_stderr_gone() {
 }
 
 fn fit_command(dir: &Path, extra: &[&str]) -> Command {
-    let data = data();
+    let data = common::data();
     let mut cmd = common::trainer();
     cmd.current_dir(dir)
         .args(["fit", "--device", "cpu", "--data", data.to_str().unwrap()])
@@ -279,11 +276,16 @@ fn sigterm_stops_fit_like_ctrl_c_with_a_resumable_checkpoint() {
     let last = dir.path().join("runs/t/last.ckpt");
     signal_when(&child, "-TERM", || last.exists());
     let result = child.wait_with_output().unwrap();
-    assert_eq!(result.status.code(), Some(143), "{}", stderr(&result));
-    assert!(
-        stderr(&result).contains("continue with: trainer fit --resume runs/t"),
+    assert_eq!(
+        result.status.code(),
+        Some(143),
         "{}",
-        stderr(&result)
+        common::stderr(&result)
+    );
+    assert!(
+        common::stderr(&result).contains("continue with: trainer fit --resume runs/t"),
+        "{}",
+        common::stderr(&result)
     );
     let epoch = Checkpoint::read(&last).unwrap().meta.epoch;
     assert!((1..200).contains(&epoch));
@@ -292,7 +294,7 @@ fn sigterm_stops_fit_like_ctrl_c_with_a_resumable_checkpoint() {
         .args(["--resume", "runs/t", "--epochs", &next])
         .output()
         .unwrap();
-    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(result.status.success(), "{}", common::stderr(&result));
     assert_eq!(Checkpoint::read(&last).unwrap().meta.epoch, epoch + 1);
 }
 
@@ -321,13 +323,13 @@ fn one_image_batches_keep_finite_statistics_at_the_smallest_size() {
         .args(["--augment", "none", "--epochs", "1", "--run", "one"])
         .output()
         .unwrap();
-    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(result.status.success(), "{}", common::stderr(&result));
     let best = dir.path().join("runs/one/best.ckpt");
     assert!(all_finite(&best));
-    let result = infer_with(dir.path(), &best, &data().join("stamp"))
+    let result = infer_with(dir.path(), &best, &common::data().join("stamp"))
         .output()
         .unwrap();
-    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(result.status.success(), "{}", common::stderr(&result));
 }
 
 /// A checkpoint whose batch-norm variances are negative: training (batch statistics) runs, but
@@ -370,7 +372,7 @@ fn a_non_finite_validation_loss_stops_the_run() {
         ])
         .output()
         .unwrap();
-    let text = stderr(&result);
+    let text = common::stderr(&result);
     assert!(!result.status.success(), "{text}");
     assert!(
         text.contains("epoch 1: the validation loss is NaN; stopping"),

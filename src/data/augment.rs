@@ -11,6 +11,8 @@
 use rand::{Rng, RngCore};
 use tch::{Kind, Tensor};
 
+use super::preprocess::to_input;
+
 /// Which augmentations `fit` applies to training batches.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -21,11 +23,6 @@ pub enum Augment {
     Original,
     /// None: training images are fed as validation images are.
     None,
-}
-
-/// uint8 NHWC -> float NCHW in [0, 1].
-pub fn to_input(pixels: &Tensor) -> Tensor {
-    pixels.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0
 }
 
 /// Draws a `RandomResizedCrop` box as albumentations does: up to 10 tries of an area in
@@ -169,7 +166,7 @@ fn masked(
 }
 
 /// One training batch: uint8 NHWC on the device and its `n x PARAMS` parameters (same device)
-/// -> augmented float NCHW in [0, 1]. Everything is batched tensor arithmetic.
+/// -> augmented float NCHW in [0, 1] (the input as [`to_input`] makes it, augmented). Everything is batched tensor arithmetic.
 pub fn apply(pixels: &Tensor, params: &Tensor) -> Tensor {
     let x = to_input(pixels);
     let size = pixels.size();

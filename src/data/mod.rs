@@ -7,6 +7,7 @@ pub mod disk_cache;
 pub mod jp2;
 pub mod jpeg;
 pub mod pnm;
+pub mod preprocess;
 pub mod resize;
 pub mod split;
 pub mod taxonomy;

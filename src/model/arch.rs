@@ -475,7 +475,7 @@ mod tests {
         let dir = fixture("keras-oracle-b1");
         let inputs = tch::Tensor::read_npy(dir.join("inputs_240_bgr_u8.npy")).expect("inputs");
         let expected = tch::Tensor::read_npy(dir.join("probs.npy")).expect("probs");
-        let x = crate::data::augment::to_input(&inputs.narrow(0, 0, 8));
+        let x = crate::data::preprocess::to_input(&inputs.narrow(0, 0, 8));
         let probs = tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &x, false).sigmoid());
         let diff = (probs - expected.narrow(0, 0, 8))
             .abs()

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use super::arch::Arch;
+use crate::data::preprocess;
 use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
 
@@ -30,11 +31,11 @@ const MAX_FILE_BYTES: u64 = 2 << 30;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Preprocessing {
     pub image_size: usize,
-    /// Always "BGR": channels as `cv2.imread` returns them.
+    /// Always [`preprocess::CHANNEL_ORDER`] ("BGR"): channels as `cv2.imread` returns them.
     pub channel_order: String,
-    /// Always "opencv_inter_linear".
+    /// Always [`preprocess::RESIZE`] ("opencv_inter_linear").
     pub resize: String,
-    /// Pixel values are multiplied by this (1/255).
+    /// Pixel values are multiplied by this (1 / [`preprocess::DIVISOR`]).
     pub scale: f64,
 }
 
@@ -42,9 +43,9 @@ impl Preprocessing {
     pub fn original(image_size: usize) -> Self {
         Preprocessing {
             image_size,
-            channel_order: "BGR".into(),
-            resize: "opencv_inter_linear".into(),
-            scale: 1.0 / 255.0,
+            channel_order: preprocess::CHANNEL_ORDER.into(),
+            resize: preprocess::RESIZE.into(),
+            scale: 1.0 / preprocess::DIVISOR,
         }
     }
 }
@@ -149,7 +150,7 @@ impl CheckpointMeta {
 }
 
 impl Preprocessing {
-    /// The only preprocessing the model knows: OpenCV-resized BGR scaled by 1/255, at a sane size.
+    /// The only preprocessing the model knows (`data::preprocess`), at a sane size.
     pub fn validate(&self) -> Result<(), String> {
         if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&self.image_size) {
             return Err(format!(
@@ -172,8 +173,9 @@ impl Preprocessing {
         }
         if (self.scale - expected.scale).abs() > 1e-9 {
             return Err(format!(
-                "preprocessing.scale is {}; only 1/255 is supported",
-                self.scale
+                "preprocessing.scale is {}; only 1/{} is supported",
+                self.scale,
+                preprocess::DIVISOR
             ));
         }
         Ok(())

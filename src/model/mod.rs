@@ -221,7 +221,7 @@ impl LoadedModel {
         } else {
             pixels
         };
-        let x = self::precision::channels_last(&crate::data::augment::to_input(&pixels));
+        let x = self::precision::channels_last(&crate::data::preprocess::to_input(&pixels));
         let probs = tch::no_grad(|| {
             self::precision::autocast(self.precision, device, || {
                 tch::nn::ModuleT::forward_t(&self.net, &x, false)

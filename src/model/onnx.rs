@@ -1,8 +1,8 @@
 //! The tagger as an ONNX graph (opset 17), written from Rust with the ONNX protobuf messages:
-//! input `images` (uint8, [N, H, W, 3], BGR, as `cv2.imread` + `cv2.resize` give them), the
-//! scaling by 1/255 and the layout change inside, batch-norm folded into the convolutions, output
-//! `probabilities` (float32, [N, labels]). Labels, thresholds and the preprocessing are in the
-//! model's `metadata_props`.
+//! input `images` (uint8, as `cv2.imread` + `cv2.resize` give them), the preprocessing of
+//! `data::preprocess` (scaling and layout change) inside, batch-norm folded into the
+//! convolutions, output `probabilities` (float32, [N, labels]). Labels, thresholds and the
+//! preprocessing are in the model's `metadata_props`.
 
 use std::collections::HashMap;
 
@@ -16,6 +16,7 @@ use tch::{nn::VarStore, Kind, Tensor};
 
 use super::arch::{Arch, BlockSpec};
 use super::efficientnet::{same_padding, BN_EPS};
+use crate::data::preprocess;
 
 pub const OPSET: i64 = 17;
 
@@ -239,6 +240,25 @@ impl Builder {
         Ok((out, out_size))
     }
 
+    /// [`preprocess::to_input`] as nodes: cast to float, division by [`preprocess::DIVISOR`],
+    /// NHWC to NCHW.
+    fn preprocess(&mut self, images: &str) -> String {
+        let x = self.node(
+            "Cast",
+            &[images],
+            vec![attr_int("to", DataType::FLOAT as i64)],
+            "input",
+        );
+        let k = self.float_init("input.scale", vec![preprocess::DIVISOR as f32], &[]);
+        let x = self.node("Div", &[&x, &k], vec![], "input");
+        self.node(
+            "Transpose",
+            &[&x],
+            vec![attr_ints("perm", &preprocess::NHWC_TO_NCHW)],
+            "input",
+        )
+    }
+
     fn dense(&mut self, vars: &HashMap<String, Tensor>, x: &str, name: &str) -> Result<String> {
         let (w, shape) = var(vars, &format!("{name}.weight"))?;
         let (b, bshape) = var(vars, &format!("{name}.bias"))?;
@@ -269,20 +289,7 @@ pub fn export(vs: &VarStore, meta: &Metadata) -> Result<Vec<u8>> {
         &[None, Some(n_labels)],
     ));
 
-    let x = b.node(
-        "Cast",
-        &["images"],
-        vec![attr_int("to", DataType::FLOAT as i64)],
-        "input",
-    );
-    let k = b.float_init("input.scale", vec![255.0], &[]);
-    let x = b.node("Div", &[&x, &k], vec![], "input");
-    let x = b.node(
-        "Transpose",
-        &[&x],
-        vec![attr_ints("perm", &[0, 3, 1, 2])],
-        "input",
-    );
+    let x = b.preprocess("images");
     let (x, mut size) = b.conv(&vars, &x, "stem_conv", Some("stem_bn"), 2, 1, s)?;
     let mut x = b.silu(&x, "stem");
     for spec in &meta.arch.network().blocks {
@@ -315,17 +322,7 @@ pub fn export(vs: &VarStore, meta: &Metadata) -> Result<Vec<u8>> {
     let props = [
         ("labels", serde_json::to_string(meta.labels)?),
         ("thresholds", serde_json::to_string(meta.thresholds)?),
-        (
-            "preprocessing",
-            serde_json::json!({
-                "input": "images: uint8 [N, H, W, 3]",
-                "image_size": meta.image_size,
-                "channel_order": "BGR",
-                "resize": "opencv_inter_linear (cv2.resize(img, (size, size)))",
-                "scale": "1/255, inside the model",
-            })
-            .to_string(),
-        ),
+        ("preprocessing", preprocessing_text(meta.image_size)),
     ];
     for (k, v) in props {
         let mut e = StringStringEntryProto::new();
@@ -334,4 +331,27 @@ pub fn export(vs: &VarStore, meta: &Metadata) -> Result<Vec<u8>> {
         model.metadata_props.push(e);
     }
     Ok(model.write_to_bytes()?)
+}
+
+/// The `preprocessing` metadata: the input, then [`preprocess::description`] with the resize's
+/// OpenCV call spelled out.
+fn preprocessing_text(image_size: usize) -> String {
+    let mut m = serde_json::Map::new();
+    let input = format!("images: uint8 {}", preprocess::INPUT_LAYOUT);
+    m.insert("input".into(), input.into());
+    m.extend(preprocess::description(image_size));
+    let resize = format!("{} ({})", preprocess::RESIZE, preprocess::RESIZE_CALL);
+    m.insert("resize".into(), resize.into());
+    serde_json::Value::Object(m).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_preprocessing_metadata_names_the_input_and_the_opencv_call() {
+        assert_eq!(
+            super::preprocessing_text(224),
+            r#"{"input":"images: uint8 [N, H, W, 3]","image_size":224,"channel_order":"BGR","resize":"opencv_inter_linear (cv2.resize(img, (size, size)))","scale":"1/255, inside the model"}"#
+        );
+    }
 }

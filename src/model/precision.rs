@@ -13,8 +13,8 @@ extern "C" {
     fn trainer_autocast_state(device: c_int, dtype: *mut c_int) -> c_int;
 }
 
-/// Arithmetic precision of the training forward pass (batch-norm statistics and the loss stay in
-/// fp32).
+/// Arithmetic precision of the forward pass, in inference and training (in training, batch-norm
+/// statistics and the loss stay in fp32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -114,4 +114,105 @@ pub fn vars_to_channels_last(vs: &VarStore) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::ModuleT;
+    use tch::{nn, Kind, Reduction};
+
+    use crate::model::efficientnet::{Tagger, TaggerConfig};
+
+    #[test]
+    fn autocast_restores_the_previous_state_and_dtype_even_after_a_panic() {
+        let dev = Device::Cpu;
+        let before = autocast_state(dev);
+        autocast(Precision::Bf16, dev, || {
+            assert_eq!(autocast_state(dev), (true, 1));
+            autocast(Precision::Fp16, dev, || {
+                assert_eq!(autocast_state(dev), (true, 0))
+            });
+            assert_eq!(
+                autocast_state(dev),
+                (true, 1),
+                "the inner exit restored bf16"
+            );
+        });
+        assert_eq!(autocast_state(dev), before);
+        let r = std::panic::catch_unwind(|| autocast(Precision::Bf16, dev, || panic!("boom")));
+        assert!(r.is_err());
+        assert_eq!(autocast_state(dev), before, "a panic left autocast on");
+    }
+
+    #[test]
+    fn contiguous_means_nchw_and_channels_last_means_nhwc() {
+        let pixels = Tensor::zeros([2, 8, 6, 3], (tch::Kind::Uint8, Device::Cpu));
+        let x = crate::data::preprocess::to_input(&pixels);
+        assert!(layout(&x, false).is_contiguous());
+        assert_eq!(layout(&x, true).stride(), [144, 1, 18, 3]);
+    }
+
+    #[test]
+    fn drop_connect_masks_are_drawn_in_fp32_under_autocast() {
+        // The same seed keeps the same samples in bf16 as in fp32. libtorch's generator is
+        // process-wide and other tests draw from it concurrently, so a race may spoil one try.
+        let x = Tensor::ones([64, 2, 1, 1], tch::kind::FLOAT_CPU);
+        let same = (0..5).any(|_| {
+            tch::manual_seed(9);
+            let full = crate::model::efficientnet::drop_connect(&x, 0.3, true).ne(0.0);
+            tch::manual_seed(9);
+            let half = crate::model::efficientnet::drop_connect(
+                &x.to_kind(tch::Kind::BFloat16),
+                0.3,
+                true,
+            )
+            .ne(0.0);
+            full.equal(&half)
+        });
+        assert!(same, "bf16 and fp32 keep different samples");
+    }
+
+    #[test]
+    fn channels_last_gives_the_same_outputs() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Tagger::new(&vs.root(), TaggerConfig::default());
+        let x = Tensor::rand([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let a = tch::no_grad(|| net.forward_t(&x, false));
+        vars_to_channels_last(&vs);
+        let w = &vs.variables()["stem_conv.weight"];
+        assert!(!w.is_contiguous(), "conv kernels are channels-last");
+        let b = tch::no_grad(|| net.forward_t(&channels_last(&x), false));
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn bf16_and_fp32_steps_give_close_losses() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Tagger::new(&vs.root(), TaggerConfig::default());
+        let x = Tensor::rand([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let y = Tensor::rand([4, 11], (Kind::Float, Device::Cpu)).round();
+        let loss = |p: Precision| {
+            let logits = autocast(p, Device::Cpu, || net.forward_t(&x, false));
+            logits
+                .to_kind(Kind::Float)
+                .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean)
+                .double_value(&[])
+        };
+        let (full, half) = (loss(Precision::Fp32), loss(Precision::Bf16));
+        let logits_kind =
+            autocast(Precision::Bf16, Device::Cpu, || net.forward_t(&x, false)).kind();
+        assert_eq!(logits_kind, Kind::BFloat16, "autocast is active");
+        assert!((full - half).abs() < 1e-2, "fp32 {full} vs bf16 {half}");
+        // Gradients flow in bf16 too.
+        let logits = autocast(Precision::Bf16, Device::Cpu, || net.forward_t(&x, true));
+        let l = logits
+            .to_kind(Kind::Float)
+            .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, Reduction::Mean);
+        l.backward();
+        assert!(vs.variables()["stem_conv.weight"].grad().defined());
+    }
 }

@@ -1,6 +1,6 @@
-//! The tagger as TorchScript, traced through libtorch: input `images` (uint8, [N, H, W, 3], BGR),
-//! the scaling by 1/255 and the layout change inside, output `probabilities` (float32,
-//! [N, labels]). Labels, thresholds and the preprocessing travel as the extra files
+//! The tagger as TorchScript, traced through libtorch: input `images` (uint8, as `cv2.imread` +
+//! `cv2.resize` give them), the preprocessing of `data::preprocess` (scaling and layout change)
+//! inside, output `probabilities` (float32, [N, labels]). Labels, thresholds and the preprocessing travel as the extra files
 //! `labels.json`, `thresholds.json` and `preprocessing.json`.
 
 use std::ffi::{c_char, c_int, CString};
@@ -12,7 +12,9 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use super::onnx::Metadata;
 use super::LoadedModel;
+use crate::data::preprocess;
 
+// src/shim/torchscript.cpp
 extern "C" {
     fn trainer_jit_save_with_extra_files(
         in_path: *const c_char,
@@ -35,13 +37,7 @@ pub fn extra_files(meta: &Metadata) -> Result<Vec<(String, String)>> {
         ),
         (
             "preprocessing.json".into(),
-            serde_json::json!({
-                "image_size": meta.image_size,
-                "channel_order": "BGR",
-                "resize": "opencv_inter_linear",
-                "scale": "1/255, inside the model",
-            })
-            .to_string(),
+            serde_json::Value::Object(preprocess::description(meta.image_size)).to_string(),
         ),
     ])
 }
@@ -55,7 +51,7 @@ pub fn export(model: &LoadedModel, meta: &Metadata, out: &Path) -> Result<()> {
     let example = Tensor::zeros([2, s, s, 3], (Kind::Uint8, Device::Cpu));
     let traced = tch::no_grad(|| {
         CModule::create_by_tracing("ndl_tagger", "forward", &[example], &mut |inputs| {
-            let x = inputs[0].permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+            let x = preprocess::to_input(&inputs[0]);
             vec![model.net.forward_t(&x, false).sigmoid()]
         })
     })

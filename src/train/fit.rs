@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::amp::{self, Precision};
+use super::amp;
 use super::learner::{self, Model};
 use super::recipe::{self, PosWeight};
 use super::run_dir::{self, LAST, RESULTS, STOPPED};
@@ -24,6 +24,7 @@ use crate::data::taxonomy::Taxonomy;
 use crate::fsutil::write_atomic;
 use crate::history::EpochRecord;
 use crate::model::checkpoint::Checkpoint;
+use crate::model::precision::Precision;
 use crate::say;
 
 /// What a run ended with.

@@ -1,6 +1,6 @@
-//! The training kernels of the C++ shim (src/shim/amp.cpp) that tch does not bind: multi-tensor
-//! (`_foreach_*`), fused and capturable Adam steps, gradients set to none, and fp16 unscaling
-//! with the inf/NaN check. Each has a plain fallback and is checked against it by the tests.
+//! The training kernels of the C++ shim that tch does not bind: multi-tensor (`_foreach_*`), fused
+//! and capturable Adam steps, gradients set to none (src/shim/adam.cpp), and fp16 unscaling with
+//! the inf/NaN check (src/shim/amp.cpp). Each has a plain fallback and is checked against it by the tests.
 
 use std::ffi::{c_char, c_double, c_int, CStr};
 

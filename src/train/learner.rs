@@ -9,14 +9,14 @@ use tch::nn::ModuleT;
 use tch::{nn, Device, Tensor};
 
 use super::adam::Adam;
-use super::amp;
 use super::settings::FitSettings;
 use super::shadow::{self, Shadow};
-use crate::data::augment;
+use crate::data::preprocess;
 use crate::data::taxonomy::Taxonomy;
 use crate::model::arch::Arch;
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::model::efficientnet::{Tagger, TaggerConfig};
+use crate::model::precision;
 use crate::model::{is_hdf5, keras};
 use crate::say;
 
@@ -132,7 +132,7 @@ pub fn model_and_optimizer(
         say!("warning: training {} from random weights", settings.arch);
     }
     if settings.channels_last {
-        amp::vars_to_channels_last(&vs);
+        precision::vars_to_channels_last(&vs);
     }
     let shadow = match keeps_shadow {
         true => {
@@ -145,7 +145,7 @@ pub fn model_and_optimizer(
                 },
             );
             if settings.channels_last {
-                amp::vars_to_channels_last(&svs);
+                precision::vars_to_channels_last(&svs);
             }
             let shadow = Shadow::new(svs, &vs);
             if let Some((prev, file)) = previous {
@@ -192,8 +192,8 @@ pub fn update_used_weights(model: &Model, settings: &FitSettings, pixels: &Tenso
     let batches = (0..images).step_by(bs as usize).map(|start| {
         let ids = order.narrow(0, start, bs.min(images - start));
         let px = pixels.index_select(0, &ids.to_device(pixels.device()));
-        amp::layout(
-            &augment::to_input(&px.to_device(device)),
+        precision::layout(
+            &preprocess::to_input(&px.to_device(device)),
             settings.channels_last,
         )
     });
@@ -211,7 +211,7 @@ pub fn update_used_weights(model: &Model, settings: &FitSettings, pixels: &Tenso
 mod tests {
     use super::*;
     use crate::data::augment::Augment;
-    use crate::train::amp::Precision;
+    use crate::model::precision::Precision;
 
     #[test]
     fn adam_moments_have_their_parameters_strides_in_channels_last() {

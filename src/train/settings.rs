@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::amp::Precision;
 use super::loss::Loss;
 use super::recipe::RecipeSettings;
 use super::run_dir::LAST;
@@ -15,6 +14,7 @@ use crate::data::augment::Augment;
 use crate::history::BestBy;
 use crate::model::arch::Arch;
 use crate::model::checkpoint::{self, Checkpoint};
+use crate::model::precision::Precision;
 
 /// The settings of a run, saved in its checkpoints so a resume continues with the same ones.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

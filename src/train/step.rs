@@ -11,12 +11,14 @@ use rand::SeedableRng;
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
-use super::amp::{self, Precision};
+use super::amp;
 use super::learner::Model;
 use super::run_dir::kept_checkpoint;
 use super::runlog::RunLog;
 use super::settings::FitSettings;
 use crate::data::augment::{self, Augment};
+use crate::data::preprocess;
+use crate::model::precision::{self, Precision};
 use crate::progress;
 
 /// The seed of epoch `epoch`'s random numbers (shuffle, augmentation, drop-connect).
@@ -331,14 +333,14 @@ fn micro_step(
     };
     let x = match &batch_params {
         Some(p) => augment::apply(&px, p),
-        None => augment::to_input(&px),
+        None => preprocess::to_input(&px),
     };
-    let x = amp::layout(&x, settings.channels_last);
+    let x = precision::layout(&x, settings.channels_last);
     let y = lp.targets.index_select(0, &ids);
     let net = &model.net;
     // While the backbone is frozen only the head gets gradients.
     let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
-    let logits = amp::autocast(settings.precision, device, || match frozen {
+    let logits = precision::autocast(settings.precision, device, || match frozen {
         true => net.head(&net.features_t(&x, true).detach()),
         false => net.forward_t(&x, true),
     });

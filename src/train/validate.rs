@@ -4,10 +4,10 @@
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
-use super::amp;
-use crate::data::augment;
+use crate::data::preprocess;
 use crate::history::ValidationRecord;
 use crate::model::efficientnet::Tagger;
+use crate::model::precision;
 
 /// Probabilities and the targets they are scored against (both on the CPU), and the mean BCE,
 /// over the images `idx` of `pixels` / `targets`, in eval mode. The batches are gathered where the
@@ -28,8 +28,8 @@ pub fn evaluate(
     tch::no_grad(|| {
         for chunk in idx.chunks(batch.max(1)) {
             let ids = Tensor::from_slice(chunk).to_device(pixels.device());
-            let x = augment::to_input(&pixels.index_select(0, &ids).to_device(device));
-            let x = amp::layout(&x, channels_last);
+            let x = preprocess::to_input(&pixels.index_select(0, &ids).to_device(device));
+            let x = precision::layout(&x, channels_last);
             let y = targets
                 .index_select(0, &ids.to_device(targets.device()))
                 .to_device(device);

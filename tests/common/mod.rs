@@ -53,6 +53,32 @@ pub fn trainer() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
 }
 
+/// The small labelled data set bundled with the repository.
+pub fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
+}
+
+/// A command's standard error as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that the command succeeded (else shows its standard error); returns its standard error.
+pub fn ok(out: std::process::Output) -> String {
+    let err = stderr(&out);
+    assert!(out.status.success(), "the command failed:\n{err}");
+    err
+}
+
+/// The rows of a run's `results.csv` split into fields; the header is the first row.
+pub fn results_rows(run: &std::path::Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(run.join("results.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
 /// A valid PNG of the given size with real drawing on it: many non-white pixels, some of them
 /// coloured (lines or cells, not only black text).
 pub fn assert_drawn_png(path: &std::path::Path, size: (u32, u32)) {
@@ -133,14 +159,13 @@ pub fn write_hdf5_for_child(path: &std::path::Path, write: impl FnOnce(&std::pat
 /// which differ between two runs of the same computation. The header is the first row.
 #[allow(dead_code)]
 pub fn untimed_rows(run: &std::path::Path) -> Vec<Vec<String>> {
-    std::fs::read_to_string(run.join("results.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            l.split(',')
+    results_rows(run)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
                 .enumerate()
                 .filter(|(i, _)| *i != 6 && *i != 7)
-                .map(|(_, v)| v.to_string())
+                .map(|(_, v)| v)
                 .collect()
         })
         .collect()
