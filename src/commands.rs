@@ -101,7 +101,8 @@ fn fit_settings(
                 channels_last: args.memory_format.map(channels_last),
                 accumulate: args.accumulate,
             };
-            let (settings, resume) = FitSettings::resumed(run_dir, overrides)?;
+            let resume = crate::train::run_dir::resume(run_dir)?;
+            let settings = FitSettings::resumed(&resume, overrides)?;
             (settings, run_dir.clone(), Some(resume))
         }
         None => {
@@ -453,4 +454,62 @@ fn image_cache_dir(arg: Option<&std::path::Path>) -> Option<std::path::PathBuf> 
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("trainer")))
         .or_else(|| env("HOME").map(|h| h.join(".cache/trainer")))?;
     Some(base.join("images"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The settings of `trainer fit ARGS` for a new run.
+    fn settings(args: &[&str]) -> Result<FitSettings> {
+        let cli = crate::cli::Cli::try_parse_from([&["trainer", "fit"], args].concat())?;
+        match cli.command {
+            crate::cli::Command::Fit(args) => new_run_settings(*args, tch::Device::Cpu),
+            other => bail!("not fit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_image_size_defaults_to_the_variants_resolution() {
+        for arch in crate::model::arch::Arch::ALL {
+            let s = settings(&["--arch", arch.name()]).unwrap();
+            assert_eq!(s.image_size, arch.coefficients().resolution, "{arch}");
+            assert_eq!(s.arch, arch);
+        }
+        let s = settings(&["--arch", "efficientnet-b3", "--image-size", "64"]).unwrap();
+        assert_eq!(s.image_size, 64);
+        assert_eq!(settings(&[]).unwrap().image_size, 224);
+    }
+
+    #[test]
+    fn loss_and_best_epoch_flags_resolve_into_the_settings() {
+        let s = settings(&[]).unwrap();
+        assert!(s.loss.is_default() && s.best_by.is_default());
+        let s = settings(&[
+            "--loss",
+            "asl",
+            "--asl-clip",
+            "0.1",
+            "--best-by",
+            "macro_f1",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.loss,
+            Loss::Asl {
+                gamma_neg: 4.0,
+                gamma_pos: 1.0,
+                clip: 0.1
+            }
+        );
+        assert_eq!(s.best_by, crate::history::BestBy::MacroF1);
+        let err = settings(&["--loss", "asl", "--gamma", "3"]).unwrap_err();
+        assert!(err.to_string().contains("--gamma"), "{err}");
+        // Settings a default run saves are those it always saved: no loss, best_by or arch.
+        let saved = serde_json::to_value(settings(&[]).unwrap()).unwrap();
+        for field in ["loss", "best_by", "arch", "tensorboard", "cache_dir"] {
+            assert!(saved.get(field).is_none(), "{field} in {saved}");
+        }
+    }
 }

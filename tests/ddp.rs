@@ -69,8 +69,17 @@ fn weight_diff(a: &Path, b: &Path) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The names of a folder's files, a TensorBoard event file's (which holds the writer's time and
+/// process id) as its prefix.
 fn files(dir: &Path) -> Vec<String> {
+    let prefix = "events.out.tfevents.";
     common::file_names(dir)
+        .into_iter()
+        .map(|n| match n.starts_with(prefix) {
+            true => prefix.to_string(),
+            false => n,
+        })
+        .collect()
 }
 
 #[test]

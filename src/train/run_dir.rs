@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::settings::FitSettings;
+use super::settings::{FitSettings, Resume};
 use crate::csvfile;
 use crate::data::dataset;
 use crate::data::split::{self, split_indices};
@@ -32,6 +32,16 @@ pub fn next_run_dir(runs: &Path) -> PathBuf {
         .map(|i| runs.join(format!("fit{i}")))
         .find(|p| !p.exists())
         .expect("a free name")
+}
+
+/// The run in `run_dir` to continue (`fit --resume`): its last checkpoint.
+pub fn resume(run_dir: &Path) -> Result<Resume> {
+    let checkpoint = Checkpoint::read(&run_dir.join(LAST))
+        .with_context(|| format!("cannot resume {}", run_dir.display()))?;
+    Ok(Resume {
+        run_dir: run_dir.to_path_buf(),
+        checkpoint,
+    })
 }
 
 /// A new run may not start in a folder that already holds one.

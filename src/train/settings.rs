@@ -2,14 +2,13 @@
 //! from the checkpoint with what `--resume` may change, [`FitSettings::resumed`]), saved in every
 //! checkpoint and in `settings.json`, and read by every part of the loop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::loss::Loss;
 use super::recipe::RecipeSettings;
-use super::run_dir::LAST;
 use crate::data::augment::Augment;
 use crate::history::BestBy;
 use crate::model::arch::Arch;
@@ -118,13 +117,13 @@ impl FitSettings {
             .map_err(anyhow::Error::msg)
     }
 
-    /// The settings of the run `run_dir` continues, from its last checkpoint (read here), with
-    /// what `overrides` changes.
-    pub fn resumed(run_dir: &Path, overrides: Overrides) -> Result<(FitSettings, Resume)> {
-        let checkpoint = Checkpoint::read(&run_dir.join(LAST))
-            .with_context(|| format!("cannot resume {}", run_dir.display()))?;
-        let mut settings: FitSettings = serde_json::from_value(checkpoint.meta.settings.clone())
-            .with_context(|| format!("{}: unreadable run settings", run_dir.display()))?;
+    /// The settings of the run `resume` continues, from its checkpoint, with what `overrides`
+    /// changes.
+    pub fn resumed(resume: &Resume, overrides: Overrides) -> Result<FitSettings> {
+        let mut settings: FitSettings =
+            serde_json::from_value(resume.checkpoint.meta.settings.clone()).with_context(|| {
+                format!("{}: unreadable run settings", resume.run_dir.display())
+            })?;
         let Overrides {
             epochs,
             data,
@@ -139,11 +138,7 @@ impl FitSettings {
         settings.precision = precision.unwrap_or(settings.precision);
         settings.channels_last = channels_last.unwrap_or(settings.channels_last);
         settings.accumulate = accumulate.unwrap_or(settings.accumulate);
-        let resume = Resume {
-            run_dir: run_dir.to_path_buf(),
-            checkpoint,
-        };
-        Ok((settings, resume))
+        Ok(settings)
     }
 }
 
@@ -158,7 +153,8 @@ pub struct Overrides {
     pub accumulate: Option<usize>,
 }
 
-/// A run to continue: its folder and its last checkpoint (weights, optimizer state, history).
+/// A run to continue: its folder and its last checkpoint (weights, optimizer state, history),
+/// read by [`super::run_dir::resume`].
 pub struct Resume {
     pub run_dir: PathBuf,
     pub checkpoint: Checkpoint,
