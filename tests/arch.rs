@@ -189,7 +189,7 @@ fn a_b1_run_records_its_arch_runs_on_both_engines_exports_and_resumes() {
 #[test]
 fn a_b3_run_records_its_arch() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = resumes_exactly_and_exports(dir.path(), Arch::B3);
+    let ckpt = resumes_exactly_and_exports(dir.path(), Arch::B3, &["--recipe", "modern"]);
     // B3's stem has 40 filters (B0 32).
     assert_eq!(ckpt.tensors["model.stem_conv.weight"].size()[0], 40);
 }
@@ -197,16 +197,26 @@ fn a_b3_run_records_its_arch() {
 #[test]
 fn a_b1_run_resumes_exactly_and_exports() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = resumes_exactly_and_exports(dir.path(), Arch::B1);
+    let ckpt = resumes_exactly_and_exports(dir.path(), Arch::B1, &[]);
     assert_eq!(ckpt.tensors["model.stem_conv.weight"].size()[0], 32);
 }
 
-/// A run of `arch` of two epochs and one of one epoch resumed to two end with the same weights
-/// and rows, recording the arch; its ONNX and TorchScript exports give the checkpoint's own
+#[test]
+fn a_b1_run_trains_on_two_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--arch", "efficientnet-b1", "--nproc-per-node", "2"];
+    let err = ok(fit(dir.path(), "two", "1", &args));
+    assert!(err.contains("starting 2 ranks"), "{err}");
+    let ckpt = Checkpoint::read(&dir.path().join("runs/two").join(LAST)).unwrap();
+    assert_eq!((ckpt.meta.epoch, ckpt.meta.arch), (1, Arch::B1));
+}
+
+/// A run of `arch` (with `extra` options) of two epochs and one of one epoch resumed to two end
+/// with the same weights and rows, recording the arch; its ONNX and TorchScript exports give the checkpoint's own
 /// probabilities (as `infer` computes them) on 96 images at the run's 32 pixels. Returns the
 /// checkpoint.
-fn resumes_exactly_and_exports(d: &Path, arch: Arch) -> Checkpoint {
-    let arch_args = ["--arch", arch.name()];
+fn resumes_exactly_and_exports(d: &Path, arch: Arch, extra: &[&str]) -> Checkpoint {
+    let arch_args = [&["--arch", arch.name()], extra].concat();
     ok(fit(d, "whole", "2", &arch_args));
     ok(fit(d, "part", "1", &arch_args));
     let resume = [
