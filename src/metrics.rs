@@ -120,7 +120,8 @@ pub fn pr_curve(scores: &[f32], truth: &[bool]) -> Vec<(f64, f64)> {
     let mut i = 0;
     while i < order.len() {
         let s = scores[order[i]];
-        while i < order.len() && scores[order[i]] == s {
+        // Ties by total order, so a NaN score (never equal to itself) still advances.
+        while i < order.len() && scores[order[i]].total_cmp(&s).is_eq() {
             if truth[order[i]] {
                 tp += 1;
             } else {
@@ -222,6 +223,14 @@ mod tests {
     use super::*;
 
     const T: [f32; 2] = [0.5, 0.5];
+
+    #[test]
+    fn nan_scores_end_the_curve() {
+        // A NaN never equals itself: the tie loop must still move on.
+        let curve = pr_curve(&[0.9, f32::NAN, f32::NAN, 0.1], &[true, false, true, false]);
+        assert_eq!(curve.len(), 4);
+        assert!(average_precision(&[f32::NAN; 3], &[true, false, false]).is_some());
+    }
 
     #[test]
     fn hand_computed_case() {
