@@ -9,14 +9,6 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 use trainer::model::LoadedModel;
 
-/// The Python of the torch environment (scripts/env sets VIRTUAL_ENV; scripts/setup installs
-/// numpy, onnx and onnxruntime there).
-fn python() -> PathBuf {
-    let env =
-        std::env::var_os("VIRTUAL_ENV").expect("run the tests through scripts/test (VIRTUAL_ENV)");
-    PathBuf::from(env).join("bin/python")
-}
-
 fn export(weights: &Path, format: &str, out: &Path) -> std::process::Output {
     common::trainer()
         .args(["export", "--format", format, "--weights"])
@@ -38,7 +30,7 @@ fn export_and_check(weights: &Path, dir: &Path, expected: Option<&Path>) -> serd
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut cmd = std::process::Command::new(python());
+    let mut cmd = std::process::Command::new(common::torch_python());
     cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check_export.py"))
         .args([&onnx, &pt, &common::oracle()]);
     if let Some(e) = expected {

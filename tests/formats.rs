@@ -4,20 +4,15 @@
 //! Where `cv2.imread` refuses a file (an IEEE float TIFF, a grey JPEG 2000 codestream without a
 //! colour space), trainer refuses it too, naming the file.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use trainer::data::decode::{has_image_extension, read_bgr};
 
-/// The Python of the torch environment (scripts/env sets VIRTUAL_ENV).
-fn python() -> PathBuf {
-    let env =
-        std::env::var_os("VIRTUAL_ENV").expect("run the tests through scripts/test (VIRTUAL_ENV)");
-    PathBuf::from(env).join("bin/python")
-}
-
 /// Runs the oracle script into `dir` and returns its manifest lines, split at tabs.
 fn oracle(dir: &Path) -> Vec<Vec<String>> {
-    let out = std::process::Command::new(python())
+    let out = std::process::Command::new(common::torch_python())
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/formats_oracle.py"))
         .arg(dir)
         .env("OPENCV_LOG_LEVEL", "ERROR")

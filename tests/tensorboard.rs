@@ -9,16 +9,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use trainer::train::tensorboard::{self as tb, EventWriter, HParam};
 
-/// The Python of the torch environment (scripts/env sets VIRTUAL_ENV).
-fn python() -> PathBuf {
-    let env =
-        std::env::var_os("VIRTUAL_ENV").expect("run the tests through scripts/test (VIRTUAL_ENV)");
-    PathBuf::from(env).join("bin/python")
-}
-
 /// What TensorBoard reads from `run_dir` (see the script's doc).
 fn read_back(run_dir: &Path) -> Value {
-    let out = std::process::Command::new(python())
+    let out = std::process::Command::new(common::torch_python())
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/tensorboard_scalars.py"))
         .arg(run_dir)
         .output()
