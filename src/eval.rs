@@ -165,21 +165,6 @@ pub fn predict_cache(model: &LoadedModel, cache: &ImageCache, batch: usize) -> R
     Ok(out)
 }
 
-/// One label's scores and ground truth from row-major probabilities and 0/1 targets.
-fn label_column(
-    probs: &[f32],
-    targets: &[f32],
-    l: usize,
-    n_labels: usize,
-) -> (Vec<f32>, Vec<bool>) {
-    let scores = probs.chunks_exact(n_labels).map(|r| r[l]).collect();
-    let truth = targets
-        .chunks_exact(n_labels)
-        .map(|r| r[l] >= 0.5)
-        .collect();
-    (scores, truth)
-}
-
 /// Metrics of probabilities against targets at the given thresholds.
 pub fn report(
     probs: &[f32],
@@ -192,7 +177,7 @@ pub fn report(
     let counts = metrics::count(probs, targets, n_labels, thresholds);
     let per_label = (0..n_labels)
         .map(|l| {
-            let (scores, truth) = label_column(probs, targets, l, n_labels);
+            let (scores, truth) = metrics::label_column(probs, targets, l, n_labels);
             let c = counts[l];
             LabelReport {
                 label: labels[l].clone(),
@@ -298,11 +283,6 @@ fn predicted_bits(probs: &[f32], thresholds: &[f32]) -> (Vec<Vec<u64>>, Vec<Vec<
     (above, at_or_below)
 }
 
-fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let v: Vec<f64> = values.collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-}
-
 /// Runs `eval`: metrics, files, pictures, and optionally calibration.
 pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
     let labels = model.taxonomy.labels.clone();
@@ -340,7 +320,9 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
         micro_f1: metrics::micro_f1(&counts),
         macro_f1: metrics::macro_f1(&counts),
         micro_average_precision: metrics::average_precision(&probs, &all_truth),
-        macro_average_precision: mean(per_label.iter().filter_map(|l| l.average_precision)),
+        macro_average_precision: metrics::mean(
+            per_label.iter().filter_map(|l| l.average_precision),
+        ),
         labels: per_label,
         hierarchy_violations: violations,
         calibration: Vec::new(),
@@ -353,7 +335,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
     let curves: Vec<plots::Series> = (0..n_labels)
         .filter(|&l| rep.labels[l].support > 0)
         .map(|l| {
-            let (scores, truth) = label_column(&probs, &targets, l, n_labels);
+            let (scores, truth) = metrics::label_column(&probs, &targets, l, n_labels);
             let ap = rep.labels[l].average_precision.unwrap_or(0.0);
             (
                 format!("{} (AP {ap:.2})", labels[l]),
@@ -398,7 +380,7 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
     if opts.calibrate {
         let mut new_thresholds = thresholds.clone();
         for l in 0..n_labels {
-            let (scores, truth) = label_column(&probs, &targets, l, n_labels);
+            let (scores, truth) = metrics::label_column(&probs, &targets, l, n_labels);
             if let Some((t, f1)) = metrics::best_threshold(&scores, &truth, thresholds[l]) {
                 new_thresholds[l] = t;
                 rep.calibration.push(Calibration {

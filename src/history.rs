@@ -39,18 +39,11 @@ impl ValidationRecord {
         let counts = metrics::count(probs, targets, n_labels, &vec![0.5; n_labels]);
         let aps: Vec<Option<f64>> = (0..n_labels)
             .map(|l| {
-                let scores: Vec<f32> = probs.iter().skip(l).step_by(n_labels).copied().collect();
-                let truth: Vec<bool> = targets
-                    .iter()
-                    .skip(l)
-                    .step_by(n_labels)
-                    .map(|&t| t > 0.5)
-                    .collect();
+                let (scores, truth) = metrics::label_column(probs, targets, l, n_labels);
                 metrics::average_precision(&scores, &truth)
             })
             .collect();
-        let defined: Vec<f64> = aps.iter().flatten().copied().collect();
-        let map = (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64);
+        let map = metrics::mean(aps.iter().flatten().copied());
         ValidationRecord {
             loss,
             micro_f1: metrics::micro_f1(&counts),

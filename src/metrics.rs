@@ -98,6 +98,27 @@ pub fn bce(probs: &[f32], targets: &[f32]) -> f64 {
     sum / probs.len().max(1) as f64
 }
 
+/// One label's scores and ground truth from row-major probabilities and 0/1 targets.
+pub fn label_column(
+    probs: &[f32],
+    targets: &[f32],
+    l: usize,
+    n_labels: usize,
+) -> (Vec<f32>, Vec<bool>) {
+    let scores = probs.chunks_exact(n_labels).map(|r| r[l]).collect();
+    let truth = targets
+        .chunks_exact(n_labels)
+        .map(|r| r[l] >= 0.5)
+        .collect();
+    (scores, truth)
+}
+
+/// The mean of the values, none without any.
+pub fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = values.collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 /// Average precision of one label (scikit-learn's `average_precision_score`): the sum over
 /// distinct score thresholds, from high to low, of (recall gain) × precision. `None` when the
 /// label has no positive.

@@ -14,7 +14,7 @@ use crate::model::precision;
 /// pixels are (the device copy when it fits), the loss is summed on the device, and everything
 /// comes back in one read at the end.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(
+fn evaluate(
     net: &Tagger,
     pixels: &Tensor,
     targets: &Tensor,
