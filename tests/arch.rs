@@ -13,9 +13,7 @@ use trainer::model::efficientnet::{Tagger, TaggerConfig};
 use trainer::model::keras;
 use trainer::train::run_dir::LAST;
 
-fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm")
-}
+use common::{ok, stderr};
 
 /// Runs `trainer <args>` in `dir`.
 fn run(dir: &Path, args: &[&str]) -> Output {
@@ -26,19 +24,9 @@ fn run(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn ok(out: Output) -> String {
-    let err = stderr(&out);
-    assert!(out.status.success(), "failed:\n{err}");
-    err
-}
-
 /// A small CPU run named `run` of `epochs` epochs with the extra `args`.
 fn fit(dir: &Path, run_name: &str, epochs: &str, args: &[&str]) -> Output {
-    let data = data();
+    let data = common::data();
     let mut all = vec![
         "fit",
         "--device",

@@ -174,26 +174,19 @@ fn a_writer_never_opens_an_existing_file_or_link() {
     assert!(format!("{missing:#}").contains("missing"), "{missing:#}");
 }
 
-/// The `results.csv` of a run: its header and rows, each row by column name.
+/// The `results.csv` rows of a run, each by column name.
 fn results(run: &Path) -> Vec<std::collections::HashMap<String, String>> {
-    let text = std::fs::read_to_string(run.join("results.csv")).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(l.split(',').map(String::from))
-                .collect()
-        })
+    let rows = common::results_rows(run);
+    let (header, rows) = rows.split_first().unwrap();
+    rows.iter()
+        .map(|r| header.iter().cloned().zip(r.iter().cloned()).collect())
         .collect()
 }
 
 #[test]
 fn a_fit_run_resumed_writes_every_scalar_of_its_results_csv_for_tensorboard() {
     let dir = tempfile::tempdir().unwrap();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasetpdm");
+    let data = common::data();
     let fit = |args: &[&str]| {
         let out = common::trainer()
             .current_dir(dir.path())
