@@ -10,7 +10,7 @@ use anyhow::Result;
 use super::run_dir::{self, RESULTS};
 use super::settings::FitSettings;
 use super::tensorboard::{self, EventWriter, HParam};
-use crate::history::EpochRecord;
+use crate::history::{EpochRecord, ValidationRecord};
 
 /// What a run reports. Errors stop the run (the epoch is checkpointed by then).
 pub trait RunLog {
@@ -109,7 +109,9 @@ pub fn draw_results(png: &Path, labels: &[String], history: &[EpochRecord]) -> R
             .collect();
         (title.to_string(), points)
     };
-    let val = |r: &EpochRecord| r.validation.clone();
+    fn val(r: &EpochRecord) -> Option<&ValidationRecord> {
+        r.validation.as_ref()
+    }
     let losses = vec![
         series("train", &|r| Some(r.train_loss)),
         series("validation", &|r| Some(val(r)?.loss)),
