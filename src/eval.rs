@@ -287,6 +287,68 @@ fn predicted_bits(probs: &[f32], thresholds: &[f32]) -> (Vec<Vec<u64>>, Vec<Vec<
 pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
     let labels = model.taxonomy.labels.clone();
     let n_labels = labels.len();
+    let samples = eval_samples(model, opts)?;
+    let cache = dataset::load_cache(&opts.data, samples, &model.taxonomy, model.image_size)?;
+    let probs = predict_cache(model, &cache, opts.batch_size)?;
+    let targets = Vec::<f32>::try_from(cache.targets.flatten(0, -1)).expect("targets");
+    let thresholds = match opts.threshold {
+        Some(t) => vec![t; n_labels],
+        None => model.thresholds.clone(),
+    };
+    let hierarchy = metrics::implied_parents(&model.taxonomy);
+    let (per_label, counts, violations) =
+        report(&probs, &targets, &labels, &thresholds, &hierarchy);
+    let images = cache.samples.len();
+    let mut rep = eval_report(
+        opts, images, &probs, &targets, per_label, &counts, violations,
+    );
+
+    std::fs::create_dir_all(&opts.output)
+        .with_context(|| format!("cannot create output folder {}", opts.output.display()))?;
+    // Pictures.
+    draw_pr_curves(
+        &opts.output.join("pr_curves.png"),
+        &rep.labels,
+        &probs,
+        &targets,
+    )?;
+    draw_confusion(opts, &labels, &probs, &targets, &thresholds, &counts)?;
+
+    let review = review_list(&probs, &targets, &thresholds, opts.review);
+    if opts.review > 0 {
+        write_review(
+            &opts.output.join("review.csv"),
+            &cache,
+            &probs,
+            &targets,
+            &labels,
+            &thresholds,
+            &review,
+        )?;
+    }
+
+    if opts.calibrate {
+        calibrate(model, opts, &mut rep, &probs, &targets, &thresholds)?;
+    }
+
+    write_atomic(
+        &opts.output.join("eval.json"),
+        serde_json::to_string_pretty(&rep)?.as_bytes(),
+    )?;
+    write_atomic(&opts.output.join("eval.csv"), eval_csv(&rep).as_bytes())?;
+    Ok(Evaluation {
+        report: rep,
+        samples: cache.samples,
+        probs,
+        targets,
+        thresholds,
+        review,
+    })
+}
+
+/// The samples of `--data` that `eval` looks at: all of them, or with `--split` only those in the
+/// run's `val.txt` (an error when none of them is there).
+fn eval_samples(model: &LoadedModel, opts: &EvalOptions) -> Result<Vec<dataset::Sample>> {
     let mut samples = dataset::open_with(&opts.data, &model.taxonomy)?;
     if let Some(run) = &opts.split {
         let list = run.join(split::VAL_LIST);
@@ -300,26 +362,29 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
             );
         }
     }
-    let cache = dataset::load_cache(&opts.data, samples, &model.taxonomy, model.image_size)?;
-    let n = cache.samples.len();
-    let probs = predict_cache(model, &cache, opts.batch_size)?;
-    let targets = Vec::<f32>::try_from(cache.targets.flatten(0, -1)).expect("targets");
-    let thresholds = match opts.threshold {
-        Some(t) => vec![t; n_labels],
-        None => model.thresholds.clone(),
-    };
-    let hierarchy = metrics::implied_parents(&model.taxonomy);
-    let (per_label, counts, violations) =
-        report(&probs, &targets, &labels, &thresholds, &hierarchy);
+    Ok(samples)
+}
+
+/// The report of all images (loss, micro and macro F1 and AP) around the per-label rows and the
+/// hierarchy violations; no calibration yet.
+fn eval_report(
+    opts: &EvalOptions,
+    images: usize,
+    probs: &[f32],
+    targets: &[f32],
+    per_label: Vec<LabelReport>,
+    counts: &[Counts],
+    violations: Vec<Violation>,
+) -> EvalReport {
     let all_truth: Vec<bool> = targets.iter().map(|t| *t >= 0.5).collect();
-    let mut rep = EvalReport {
+    EvalReport {
         weights: opts.weights.display().to_string(),
         data: opts.data.display().to_string(),
-        images: n,
-        loss: metrics::bce(&probs, &targets),
-        micro_f1: metrics::micro_f1(&counts),
-        macro_f1: metrics::macro_f1(&counts),
-        micro_average_precision: metrics::average_precision(&probs, &all_truth),
+        images,
+        loss: metrics::bce(probs, targets),
+        micro_f1: metrics::micro_f1(counts),
+        macro_f1: metrics::macro_f1(counts),
+        micro_average_precision: metrics::average_precision(probs, &all_truth),
         macro_average_precision: metrics::mean(
             per_label.iter().filter_map(|l| l.average_precision),
         ),
@@ -327,25 +392,44 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
         hierarchy_violations: violations,
         calibration: Vec::new(),
         calibrated_checkpoint: None,
-    };
+    }
+}
 
-    std::fs::create_dir_all(&opts.output)
-        .with_context(|| format!("cannot create output folder {}", opts.output.display()))?;
-    // Pictures.
+/// `pr_curves.png`: the precision-recall curve of each label with positives, its AP in the legend.
+fn draw_pr_curves(
+    path: &Path,
+    per_label: &[LabelReport],
+    probs: &[f32],
+    targets: &[f32],
+) -> Result<()> {
+    let n_labels = per_label.len();
     let curves: Vec<plots::Series> = (0..n_labels)
-        .filter(|&l| rep.labels[l].support > 0)
+        .filter(|&l| per_label[l].support > 0)
         .map(|l| {
-            let (scores, truth) = metrics::label_column(&probs, &targets, l, n_labels);
-            let ap = rep.labels[l].average_precision.unwrap_or(0.0);
+            let (scores, truth) = metrics::label_column(probs, targets, l, n_labels);
+            let ap = per_label[l].average_precision.unwrap_or(0.0);
             (
-                format!("{} (AP {ap:.2})", labels[l]),
+                format!("{} (AP {ap:.2})", per_label[l].label),
                 metrics::pr_curve(&scores, &truth),
             )
         })
         .collect();
-    plots::pr_curves(&opts.output.join("pr_curves.png"), &curves)?;
-    let shown = confusion_labels(&counts);
-    let co = co_occurrence(&probs, &targets, &thresholds, &shown);
+    plots::pr_curves(path, &curves)
+}
+
+/// `confusion.png` in the output folder: true against predicted labels over the labels it shows
+/// (see [`confusion_labels`]), its note naming the thresholds and any labels left out.
+fn draw_confusion(
+    opts: &EvalOptions,
+    labels: &[String],
+    probs: &[f32],
+    targets: &[f32],
+    thresholds: &[f32],
+    counts: &[Counts],
+) -> Result<()> {
+    let n_labels = labels.len();
+    let shown = confusion_labels(counts);
+    let co = co_occurrence(probs, targets, thresholds, &shown);
     let mut note = match opts.threshold {
         Some(t) => format!("threshold {t}"),
         None => "model thresholds".into(),
@@ -362,53 +446,38 @@ pub fn run(model: &LoadedModel, opts: &EvalOptions) -> Result<Evaluation> {
         &shown_labels,
         &co,
         &note,
-    )?;
+    )
+}
 
-    let review = review_list(&probs, &targets, &thresholds, opts.review);
-    if opts.review > 0 {
-        write_review(
-            &opts.output.join("review.csv"),
-            &cache,
-            &probs,
-            &targets,
-            &labels,
-            &thresholds,
-            &review,
-        )?;
-    }
-
-    if opts.calibrate {
-        let mut new_thresholds = thresholds.clone();
-        for l in 0..n_labels {
-            let (scores, truth) = metrics::label_column(&probs, &targets, l, n_labels);
-            if let Some((t, f1)) = metrics::best_threshold(&scores, &truth, thresholds[l]) {
-                new_thresholds[l] = t;
-                rep.calibration.push(Calibration {
-                    label: labels[l].clone(),
-                    old_threshold: thresholds[l],
-                    new_threshold: t,
-                    old_f1: rep.labels[l].f1,
-                    new_f1: f1,
-                });
-            }
+/// `--calibrate`: per label the threshold of best F1 on these images, recorded in the report,
+/// and the checkpoint that carries them (see [`save_thresholds`]).
+fn calibrate(
+    model: &LoadedModel,
+    opts: &EvalOptions,
+    rep: &mut EvalReport,
+    probs: &[f32],
+    targets: &[f32],
+    thresholds: &[f32],
+) -> Result<()> {
+    let labels = &model.taxonomy.labels;
+    let n_labels = labels.len();
+    let mut new_thresholds = thresholds.to_vec();
+    for l in 0..n_labels {
+        let (scores, truth) = metrics::label_column(probs, targets, l, n_labels);
+        if let Some((t, f1)) = metrics::best_threshold(&scores, &truth, thresholds[l]) {
+            new_thresholds[l] = t;
+            rep.calibration.push(Calibration {
+                label: labels[l].clone(),
+                old_threshold: thresholds[l],
+                new_threshold: t,
+                old_f1: rep.labels[l].f1,
+                new_f1: f1,
+            });
         }
-        let path = save_thresholds(model, opts, &new_thresholds)?;
-        rep.calibrated_checkpoint = Some(path.display().to_string());
     }
-
-    write_atomic(
-        &opts.output.join("eval.json"),
-        serde_json::to_string_pretty(&rep)?.as_bytes(),
-    )?;
-    write_atomic(&opts.output.join("eval.csv"), eval_csv(&rep).as_bytes())?;
-    Ok(Evaluation {
-        report: rep,
-        samples: cache.samples,
-        probs,
-        targets,
-        thresholds,
-        review,
-    })
+    let path = save_thresholds(model, opts, &new_thresholds)?;
+    rep.calibrated_checkpoint = Some(path.display().to_string());
+    Ok(())
 }
 
 /// Writes the calibrated thresholds: into a copy of our checkpoint (or the checkpoint itself with
