@@ -535,96 +535,66 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
     let summary = Mutex::new(FetchSummary::default());
     let bar = progress::bar((f.tags.len() * f.count) as u64, "images");
     bar.set_prefix("fetch");
-    let on_disk = ids_on_disk(&f.out);
-    let mut attempted = HashSet::new();
+    let mut run = TagRun {
+        client,
+        f,
+        log,
+        summary,
+        bar,
+        on_disk: ids_on_disk(&f.out),
+        attempted: HashSet::new(),
+    };
     for tag in &f.tags {
+        run.fill(tag)?;
+    }
+    run.bar.finish_and_clear();
+    let mut s = *run.summary.lock().expect("summary");
+    s.interrupted = progress::interrupted();
+    Ok(s)
+}
+
+/// One `fetch --tag` run, shared by its tags: the client and settings, the log, the running
+/// totals, the progress bar and the ids already seen.
+struct TagRun<'a> {
+    client: &'a Client,
+    f: &'a TagFetch,
+    log: Log,
+    summary: Mutex<FetchSummary>,
+    bar: indicatif::ProgressBar,
+    /// Ids of the images under the output folder when the run began.
+    on_disk: HashSet<String>,
+    /// Ids tried in this run (whatever came of it).
+    attempted: HashSet<String>,
+}
+
+impl TagRun<'_> {
+    /// Asks the API again and again until `<out>/<tag>/` holds `count` images, the run is
+    /// interrupted, or `patience` calls in a row bring nothing new.
+    fn fill(&mut self, tag: &str) -> Result<()> {
+        let f = self.f;
         let tag_dir = f.out.join(tag);
         let mut idle_calls = 0;
         while count_jpgs(&tag_dir) < f.count && !progress::interrupted() {
             let have = count_jpgs(&tag_dir);
-            bar.set_position(bar.position().max(have as u64));
-            let url = api_url(&f.api_base, tag, f.page_size);
-            let (result, _) = client.get(&url, |b| {
-                serde_json::from_slice::<Value>(b)
-                    .map(|_| ())
-                    .map_err(|e| FetchError::NotImage(format!("API answer is not JSON: {e}")))
-            });
-            let body = match result {
-                Ok(b) => b,
-                Err(e) => {
-                    bail!("{url}: {e}; stopping (what was saved is kept; run the same command again to continue)");
-                }
-            };
-            let items: Vec<Value> = match serde_json::from_slice(&body)? {
-                Value::Array(a) => a,
-                Value::Object(o) => o
-                    .get("list")
-                    .or(o.get("items"))
-                    .and_then(|v| v.as_array())
-                    .cloned()
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            let mut batch = Vec::new();
-            let mut wanted = f.count - have;
-            for v in &items {
-                let item = match ApiItem::parse(v) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        summary.lock().expect("summary").failed += 1;
-                        bar.suspend(|| crate::errln!("skipped an API item: {e:#}"));
-                        continue;
-                    }
-                };
-                let url = item.iiif_url(&f.iiif_base, f.height);
-                let fields = vec![
-                    item.id.clone(),
-                    item.pid.clone(),
-                    item.page.to_string(),
-                    item.region.clone(),
-                    item.tags.join(";"),
-                ];
-                if attempted.contains(&item.id) {
-                    // Tried earlier in this run (and failed, or went to another folder).
-                    continue;
-                }
-                if on_disk.contains(&item.id) {
-                    summary.lock().expect("summary").skipped += 1;
-                    let mut row: Vec<&str> = fields.iter().map(String::as_str).collect();
-                    row.extend([url.as_str(), "skipped: already on disk"]);
-                    log.row(&row);
-                    continue;
-                }
-                let folder = if item.tags.is_empty() {
-                    "unknown"
-                } else {
-                    tag.as_str()
-                };
-                if folder == tag && wanted == 0 {
-                    continue;
-                }
-                if folder == tag {
-                    wanted -= 1;
-                }
-                attempted.insert(item.id.clone());
-                let dest = match dest_path(&f.out, folder, &format!("{}.jpg", item.id)) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        summary.lock().expect("summary").failed += 1;
-                        bar.suspend(|| crate::errln!("skipped API item {}: {e}", item.id));
-                        continue;
-                    }
-                };
-                batch.push((url, dest, fields));
-            }
+            self.bar.set_position(self.bar.position().max(have as u64));
+            let items = self.api_items(&api_url(&f.api_base, tag, f.page_size))?;
+            let batch = self.plan(tag, &items, f.count - have);
             let before = count_jpgs(&tag_dir);
             let n = batch.len();
-            download_all(client, &log, client.opts.jobs, batch, &summary, &bar);
+            let jobs = self.client.opts.jobs;
+            download_all(
+                self.client,
+                &self.log,
+                jobs,
+                batch,
+                &self.summary,
+                &self.bar,
+            );
             if n == 0 || count_jpgs(&tag_dir) == before {
                 idle_calls += 1;
                 if idle_calls >= f.patience {
-                    summary.lock().expect("summary").short += 1;
-                    bar.suspend(|| {
+                    self.summary.lock().expect("summary").short += 1;
+                    self.bar.suspend(|| {
                         crate::errln!(
                             "{tag}: {} API calls in a row brought no new image; stopping at {} of {}",
                             f.patience,
@@ -638,11 +608,95 @@ pub fn fetch_tags(client: &Client, f: &TagFetch) -> Result<FetchSummary> {
                 idle_calls = 0;
             }
         }
+        Ok(())
     }
-    bar.finish_and_clear();
-    let mut s = *summary.lock().expect("summary");
-    s.interrupted = progress::interrupted();
-    Ok(s)
+
+    /// The items of one API answer: a JSON list, or the `list` (else `items`) of an object.
+    fn api_items(&self, url: &str) -> Result<Vec<Value>> {
+        let (result, _) = self.client.get(url, |b| {
+            serde_json::from_slice::<Value>(b)
+                .map(|_| ())
+                .map_err(|e| FetchError::NotImage(format!("API answer is not JSON: {e}")))
+        });
+        let body = match result {
+            Ok(b) => b,
+            Err(e) => {
+                bail!("{url}: {e}; stopping (what was saved is kept; run the same command again to continue)");
+            }
+        };
+        Ok(match serde_json::from_slice(&body)? {
+            Value::Array(a) => a,
+            Value::Object(o) => o
+                .get("list")
+                .or(o.get("items"))
+                .and_then(|v| v.as_array())
+                .cloned()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// The downloads (`(url, dest, log fields)`) of one API answer for `tag`: at most `wanted`
+    /// into its folder, untagged items into `unknown`; items already on disk are logged as
+    /// skipped, items tried before in this run and bad items are left out.
+    fn plan(
+        &mut self,
+        tag: &str,
+        items: &[Value],
+        mut wanted: usize,
+    ) -> Vec<(String, PathBuf, Vec<String>)> {
+        let f = self.f;
+        let mut batch = Vec::new();
+        for v in items {
+            let item = match ApiItem::parse(v) {
+                Ok(i) => i,
+                Err(e) => {
+                    self.summary.lock().expect("summary").failed += 1;
+                    self.bar
+                        .suspend(|| crate::errln!("skipped an API item: {e:#}"));
+                    continue;
+                }
+            };
+            let url = item.iiif_url(&f.iiif_base, f.height);
+            let fields = vec![
+                item.id.clone(),
+                item.pid.clone(),
+                item.page.to_string(),
+                item.region.clone(),
+                item.tags.join(";"),
+            ];
+            if self.attempted.contains(&item.id) {
+                // Tried earlier in this run (and failed, or went to another folder).
+                continue;
+            }
+            if self.on_disk.contains(&item.id) {
+                self.summary.lock().expect("summary").skipped += 1;
+                let mut row: Vec<&str> = fields.iter().map(String::as_str).collect();
+                row.extend([url.as_str(), "skipped: already on disk"]);
+                self.log.row(&row);
+                continue;
+            }
+            let folder = if item.tags.is_empty() { "unknown" } else { tag };
+            if folder == tag && wanted == 0 {
+                continue;
+            }
+            if folder == tag {
+                wanted -= 1;
+            }
+            self.attempted.insert(item.id.clone());
+            let dest = match dest_path(&f.out, folder, &format!("{}.jpg", item.id)) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.summary.lock().expect("summary").failed += 1;
+                    self.bar
+                        .suspend(|| crate::errln!("skipped API item {}: {e}", item.id));
+                    continue;
+                }
+            };
+            batch.push((url, dest, fields));
+        }
+        batch
+    }
 }
 
 /// True for an http or https address, the only ones the client asks or follows.
