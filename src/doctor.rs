@@ -105,6 +105,21 @@ pub fn report() -> String {
         }
     );
     s += &gpu_lines(&facts);
+    s += &gpu_list(&facts);
+    let config = torch_config();
+    s += &cuda_libraries(&config);
+    s += &engines();
+    s += &host();
+    let _ = writeln!(s, "libtorch build configuration:");
+    for line in config.lines().filter(|l| !l.trim().is_empty()) {
+        let _ = writeln!(s, "  {}", line.trim_end());
+    }
+    s
+}
+
+/// The GPUs as `nvidia-smi` lists them (when it is there), then those libtorch can use.
+fn gpu_list(facts: &GpuFacts) -> String {
+    let mut s = String::new();
     if let Some(list) = nvidia_smi() {
         let _ = writeln!(s, "GPUs (nvidia-smi: index, name, memory, driver):");
         for line in list.lines() {
@@ -114,7 +129,13 @@ pub fn report() -> String {
     for i in 0..facts.usable_gpus {
         let _ = writeln!(s, "cuda:{i}: usable by libtorch");
     }
-    let config = torch_config();
+    s
+}
+
+/// The cuDNN and NCCL of a CUDA build, read from its build configuration (nothing for a CPU
+/// build).
+fn cuda_libraries(config: &str) -> String {
+    let mut s = String::new();
     let setting = |key: &str| {
         config
             .split([',', '\n'])
@@ -132,6 +153,12 @@ pub fn report() -> String {
             }
         );
     }
+    s
+}
+
+/// The engines beyond libtorch: for several ranks, and for `infer` and `eval` on the CPU.
+fn engines() -> String {
+    let mut s = String::new();
     let _ = writeln!(
         s,
         "several ranks (fit --nproc-per-node, torchrun): {}",
@@ -151,6 +178,12 @@ pub fn report() -> String {
             Err(why) => format!("libtorch ({why})"),
         }
     );
+    s
+}
+
+/// The CPU, the thread counts, the allocator and the largest image decoded.
+fn host() -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "CPU: {}", cpu());
     let _ = writeln!(
         s,
@@ -172,9 +205,5 @@ pub fn report() -> String {
         "largest image decoded: {} pixels (--max-pixels)",
         crate::data::decode::max_pixels()
     );
-    let _ = writeln!(s, "libtorch build configuration:");
-    for line in config.lines().filter(|l| !l.trim().is_empty()) {
-        let _ = writeln!(s, "  {}", line.trim_end());
-    }
     s
 }
