@@ -184,6 +184,15 @@ pub fn pr_curves(path: &Path, curves: &[Series]) -> Result<()> {
     })
 }
 
+/// Where `confusion.png` puts its cells: the left and top margins and the side of a cell, in
+/// pixels.
+#[derive(Clone, Copy)]
+struct Grid {
+    left: i32,
+    top: i32,
+    cell: i32,
+}
+
 /// `confusion.png`: `counts[t][p]` = images with true label `t` that were predicted label `p`,
 /// as a heat map with the count in each cell.
 pub fn confusion(
@@ -194,8 +203,15 @@ pub fn confusion(
 ) -> Result<()> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
     let n = labels.len().max(1) as i32;
-    let (left, top, cell) = (200i32, 70i32, 64i32);
-    let (w, h) = ((left + n * cell + 40) as u32, (top + n * cell + 200) as u32);
+    let g = Grid {
+        left: 200,
+        top: 70,
+        cell: 64,
+    };
+    let (w, h) = (
+        (g.left + n * g.cell + 40) as u32,
+        (g.top + n * g.cell + 200) as u32,
+    );
     render(path, (w, h), |root| {
         let max = counts.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
         let title = (FONT, 22)
@@ -208,69 +224,84 @@ pub fn confusion(
             title,
         ))
         .map_err(err)?;
-        let centred = (FONT, 15)
-            .into_font()
-            .color(&BLACK)
-            .pos(Pos::new(HPos::Center, VPos::Center));
-        let right = (FONT, 15)
-            .into_font()
-            .color(&BLACK)
-            .pos(Pos::new(HPos::Right, VPos::Center));
+        confusion_rows(&root, g, labels, counts, max)?;
         let down = (FONT, 15)
             .into_font()
             .transform(FontTransform::Rotate90)
             .color(&BLACK)
             .pos(Pos::new(HPos::Left, VPos::Center));
-        for (t, row) in counts.iter().enumerate() {
-            let y = top + t as i32 * cell;
-            root.draw(&Text::new(
-                labels[t].clone(),
-                (left - 8, y + cell / 2),
-                right.clone(),
-            ))
-            .map_err(err)?;
-            for (p, &c) in row.iter().enumerate() {
-                let x = left + p as i32 * cell;
-                let v = c as f64 / max;
-                let fill = RGBColor(
-                    (255.0 * (1.0 - 0.8 * v)) as u8,
-                    (255.0 * (1.0 - 0.55 * v)) as u8,
-                    255,
-                );
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + cell, y + cell)],
-                    fill.filled(),
-                ))
-                .map_err(err)?;
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + cell, y + cell)],
-                    BLACK.mix(0.2),
-                ))
-                .map_err(err)?;
-                let text = if v > 0.6 {
-                    centred.clone().color(&WHITE)
-                } else {
-                    centred.clone()
-                };
-                root.draw(&Text::new(
-                    c.to_string(),
-                    (x + cell / 2, y + cell / 2),
-                    text,
-                ))
-                .map_err(err)?;
-            }
-        }
         for (p, label) in labels.iter().enumerate() {
-            let x = left + p as i32 * cell + cell / 2;
+            let x = g.left + p as i32 * g.cell + g.cell / 2;
             root.draw(&Text::new(
                 label.clone(),
-                (x, top + n * cell + 8),
+                (x, g.top + n * g.cell + 8),
                 down.clone(),
             ))
             .map_err(err)?;
         }
         Ok(())
     })
+}
+
+/// The rows of `confusion.png`: per true label its name, then a cell per predicted label shaded
+/// by its count over `max`, with the count in it.
+fn confusion_rows(
+    root: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    g: Grid,
+    labels: &[String],
+    counts: &[Vec<u64>],
+    max: f64,
+) -> Result<()> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let cell = g.cell;
+    let centred = (FONT, 15)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Center));
+    let right = (FONT, 15)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Right, VPos::Center));
+    for (t, row) in counts.iter().enumerate() {
+        let y = g.top + t as i32 * cell;
+        root.draw(&Text::new(
+            labels[t].clone(),
+            (g.left - 8, y + cell / 2),
+            right.clone(),
+        ))
+        .map_err(err)?;
+        for (p, &c) in row.iter().enumerate() {
+            let x = g.left + p as i32 * cell;
+            let v = c as f64 / max;
+            let fill = RGBColor(
+                (255.0 * (1.0 - 0.8 * v)) as u8,
+                (255.0 * (1.0 - 0.55 * v)) as u8,
+                255,
+            );
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                fill.filled(),
+            ))
+            .map_err(err)?;
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                BLACK.mix(0.2),
+            ))
+            .map_err(err)?;
+            let text = if v > 0.6 {
+                centred.clone().color(&WHITE)
+            } else {
+                centred.clone()
+            };
+            root.draw(&Text::new(
+                c.to_string(),
+                (x + cell / 2, y + cell / 2),
+                text,
+            ))
+            .map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
