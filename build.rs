@@ -25,6 +25,19 @@ fn main() {
     shim_build(&include)
         .files(SHIM_FILES)
         .compile("trainer_shim");
+    // CUDA graphs of the training step, when this libtorch has CUDA and its headers are there.
+    println!("cargo:rerun-if-changed=src/shim/graph.cpp");
+    println!("cargo:rustc-check-cfg=cfg(trainer_graphs)");
+    if let Some(dirs) = cuda_includes(std::path::Path::new(&lib)) {
+        let mut build = shim_build(&include);
+        for dir in dirs {
+            build.include(dir);
+        }
+        build.file("src/shim/graph.cpp").compile("trainer_graph");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-cfg=trainer_graphs");
+    }
     // The distributed engine (c10d: TCPStore, Gloo, Reducer). Its Gloo header includes gloo's
     // own headers, which the wheel does not ship: Debian's libgloo-dev has them (scripts/setup
     // installs it). Without them `trainer` is built without several-process training and says so.
@@ -75,26 +88,32 @@ fn main() {
     }
 }
 
-/// The include folders for c10d's NCCL header, when this libtorch has CUDA 13 and its headers
-/// are there: the wheel's CUDA and NCCL headers, and the CUDA compiler's `crt/` and `nv/` headers
+/// The include folders of the CUDA runtime's headers, when this libtorch has CUDA 13 and its
+/// headers are there: the wheel's CUDA headers, and the CUDA compiler's `crt/` and `nv/` headers
 /// that scripts/setup puts in `<venv>/cuda-headers` (pip's nvidia-cuda-crt and nvidia-cuda-cccl).
-fn nccl_includes(lib: &std::path::Path) -> Option<Vec<std::path::PathBuf>> {
-    let site = lib.join("../..");
+fn cuda_includes(lib: &std::path::Path) -> Option<Vec<std::path::PathBuf>> {
     let headers = lib.join("../../../../../cuda-headers/nvidia/cu13/include");
     let dirs = vec![
-        site.join("nvidia/cu13/include"),
-        site.join("nvidia/nccl/include"),
+        lib.join("../../nvidia/cu13/include"),
         headers.clone(),
         headers.join("cccl"),
     ];
     let needed = [
         lib.join("libtorch_cuda.so"),
         dirs[0].join("cuda_runtime.h"),
-        dirs[1].join("nccl.h"),
         headers.join("crt/host_config.h"),
         headers.join("cccl/nv/target"),
     ];
     needed.iter().all(|p| p.exists()).then_some(dirs)
+}
+
+/// The include folders for c10d's NCCL header: the CUDA ones and the wheel's NCCL headers.
+fn nccl_includes(lib: &std::path::Path) -> Option<Vec<std::path::PathBuf>> {
+    let mut dirs = cuda_includes(lib)?;
+    let nccl = lib.join("../../nvidia/nccl/include");
+    nccl.join("nccl.h").exists().then_some(())?;
+    dirs.push(nccl);
+    Some(dirs)
 }
 
 /// A C++ build against the torch wheel's headers, with the flags libtorch was built with.

@@ -272,6 +272,11 @@ pub struct FitArgs {
     /// TensorBoard event files in the run folder (`tensorboard --logdir runs`): on or off.
     #[arg(long, value_enum, default_value = "on")]
     pub tensorboard: Switch,
+    /// On CUDA, record a full batch's training step once in a CUDA graph (after a few eager
+    /// steps) and replay it: one launch instead of thousands per step. bf16 or fp32, one rank,
+    /// no --accumulate. on or off.
+    #[arg(long, value_enum, default_value = "off")]
+    pub cuda_graphs: Switch,
     /// Train only the head for this many epochs first (for --init from ImageNet).
     #[arg(long, value_parser = usize_in(0, crate::train::settings::MAX_EPOCHS))]
     pub freeze_backbone_epochs: Option<usize>,

@@ -83,7 +83,7 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
 
 /// The run's settings, resolved once: a new run's from the command line; on `--resume`, the
 /// checkpoint's with what the command line may change. Then what belongs to this machine and
-/// session, not to the run (the image cache, TensorBoard). Returns the run folder too, and the
+/// session, not to the run (the image cache, TensorBoard, CUDA graphs). Returns the run folder too, and the
 /// run to continue.
 fn fit_settings(
     args: FitArgs,
@@ -91,6 +91,7 @@ fn fit_settings(
 ) -> Result<(FitSettings, std::path::PathBuf, Option<Resume>)> {
     let cache_dir = image_cache_dir(args.cache_dir.as_deref());
     let tensorboard = args.tensorboard == crate::cli::Switch::On;
+    let cuda_graphs = args.cuda_graphs == crate::cli::Switch::On;
     let (settings, run_dir, resume) = match &args.resume {
         Some(run_dir) => {
             let overrides = Overrides {
@@ -116,6 +117,7 @@ fn fit_settings(
     let settings = FitSettings {
         cache_dir,
         tensorboard,
+        cuda_graphs,
         ..settings
     };
     Ok((settings, run_dir, resume))
@@ -158,6 +160,7 @@ fn new_run_settings(args: FitArgs, device: tch::Device) -> Result<FitSettings> {
         loss,
         best_by: args.best_by,
         tensorboard: false,
+        cuda_graphs: false,
     })
 }
 
@@ -508,7 +511,14 @@ mod tests {
         assert!(err.to_string().contains("--gamma"), "{err}");
         // Settings a default run saves are those it always saved: no loss, best_by or arch.
         let saved = serde_json::to_value(settings(&[]).unwrap()).unwrap();
-        for field in ["loss", "best_by", "arch", "tensorboard", "cache_dir"] {
+        for field in [
+            "loss",
+            "best_by",
+            "arch",
+            "tensorboard",
+            "cache_dir",
+            "cuda_graphs",
+        ] {
             assert!(saved.get(field).is_none(), "{field} in {saved}");
         }
     }

@@ -31,6 +31,8 @@ fn bench(out: &std::path::Path, budget: &str) -> (bool, String) {
             "64",
             "--python",
             "none",
+            "--graphs",
+            "fp32",
         ])
         .args(["--budget", budget])
         .arg("--out")
@@ -61,6 +63,11 @@ fn the_gpu_benchmark_runs_every_stage_on_the_cpu_and_keeps_its_logs() {
     for log in ["version", "doctor", "fit_b12_fp32", "fit_b12_bf16", "infer"] {
         assert!(out.join(format!("logs/{log}.log")).is_file(), "{log}.log");
     }
+    // The CUDA-graph run is refused on a CPU, clearly, and the benchmark goes on.
+    assert!(
+        summary.contains("fit_b12_fp32-graphs: failed") && summary.contains("--cuda-graphs on"),
+        "{summary}"
+    );
     let rows = std::fs::read_to_string(out.join("runs/b12_fp32/results.csv")).unwrap();
     assert_eq!(rows.lines().count(), 3, "two epochs:\n{rows}");
     assert!(

@@ -404,6 +404,35 @@ fn fast_paths_run_on_a_cpu_only_machine() {
 }
 
 #[test]
+fn cuda_graphs_are_refused_where_they_cannot_apply_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::data();
+    let data = data.to_str().unwrap();
+    let refused = |extra: &[&str]| {
+        let mut args = vec!["--data", data, "--cuda-graphs", "on", "--run", "g"];
+        args.extend_from_slice(extra);
+        fail(fit(dir.path(), &args))
+    };
+    let stderr = refused(&[]);
+    assert!(
+        stderr.contains("--cuda-graphs on") && stderr.contains("CUDA"),
+        "{stderr}"
+    );
+    if !tch::Cuda::is_available() {
+        assert!(
+            stderr.contains("needs a CUDA device") || stderr.contains("built without CUDA graphs"),
+            "{stderr}"
+        );
+    }
+    assert!(!dir.path().join("runs").exists(), "nothing written");
+    let stderr = fail(fit(dir.path(), &["--cuda-graphs", "maybe"]));
+    assert!(
+        stderr.contains("--cuda-graphs") && stderr.contains("on"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn ctrl_c_keeps_a_resumable_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::data();

@@ -61,17 +61,18 @@ int trainer_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** m, 
   }
 }
 
-// Keras's Adam step with the step count and the step size as device tensors: `step` (a 0-dim
-// double tensor) is incremented on the device and lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)
-// computed there, so nothing is read from or frozen by the host (what a CUDA graph replays).
+// Keras's Adam step with the step count, the learning rate and the step size as device tensors:
+// `step` (a 0-dim double tensor) is incremented on the device and lr_t = lr sqrt(1 - beta2^t) /
+// (1 - beta1^t) computed there from `lr` (likewise), so nothing is read from or frozen by the
+// host (what a CUDA graph replays).
 int trainer_foreach_adam_capturable(at::Tensor** params, at::Tensor** grads, at::Tensor** m,
-                                    at::Tensor** v, int n, at::Tensor* step, double lr,
+                                    at::Tensor** v, int n, at::Tensor* step, at::Tensor* lr,
                                     double beta1, double beta2, double eps, char* err, int errlen) {
   try {
     at::NoGradGuard no_grad;
     auto P = list(params, n), G = list(grads, n), M = list(m, n), V = list(v, n);
     step->add_(1);
-    auto lr_t = (lr * at::sqrt(1 - at::pow(beta2, *step)) / (1 - at::pow(beta1, *step)))
+    auto lr_t = (*lr * at::sqrt(1 - at::pow(beta2, *step)) / (1 - at::pow(beta1, *step)))
                     .to(P.empty() ? at::kFloat : P[0].scalar_type());
     at::_foreach_lerp_(M, G, 1.0 - beta1);
     at::_foreach_mul_(V, beta2);

@@ -21,9 +21,13 @@ pub enum Kernel {
     Capturable,
 }
 
+fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+    v.iter().collect()
+}
+
 /// Adam over the trainable variables of a VarStore, in sorted name order.
 pub struct Adam {
-    pub lr: f64,
+    lr: f64,
     pub step: i64,
     pub kernel: Kernel,
     params: Vec<(String, Tensor)>,
@@ -31,8 +35,9 @@ pub struct Adam {
     v: Vec<Tensor>,
     /// Per-parameter step counts for the fused kernel (incremented at each of its steps).
     steps: Vec<Tensor>,
-    /// The step count on the device, for the capturable kernel.
+    /// The step count and the learning rate on the device, for the capturable kernel.
     step_t: Tensor,
+    lr_t: Tensor,
 }
 
 impl Adam {
@@ -50,6 +55,7 @@ impl Adam {
             .map(|(_, t)| Tensor::zeros([], (tch::Kind::Float, t.device())))
             .collect();
         let step_t = Tensor::zeros([], (tch::Kind::Double, vs.device()));
+        let lr_t = Tensor::full([], lr, (tch::Kind::Double, vs.device()));
         Adam {
             lr,
             step: 0,
@@ -59,6 +65,21 @@ impl Adam {
             v,
             steps,
             step_t,
+            lr_t,
+        }
+    }
+
+    /// The learning rate of the next steps.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// Sets the learning rate of the next steps (on the device too, where a captured step reads
+    /// it: call it outside a capture).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+        if self.kernel == Kernel::Capturable {
+            let _ = self.lr_t.fill_(lr);
         }
     }
 
@@ -79,24 +100,10 @@ impl Adam {
         let t = self.step as f64;
         let lr_t = self.lr * (1.0 - BETA2.powf(t)).sqrt() / (1.0 - BETA1.powf(t));
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
-        fn refs(v: &[Tensor]) -> Vec<&Tensor> {
-            v.iter().collect()
-        }
         let all = grads.iter().all(Tensor::defined);
         if self.kernel == Kernel::Capturable && all {
-            let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
-            super::kernels::foreach_adam_capturable(
-                &params,
-                &refs(&grads),
-                &refs(&self.m),
-                &refs(&self.v),
-                &self.step_t,
-                self.lr,
-                BETA1,
-                BETA2,
-                EPSILON,
-            )
-            .expect("multi-tensor Adam on tensors of one device and type");
+            self.capturable(&grads)
+                .expect("multi-tensor Adam on tensors of one device and type");
             return;
         }
         if self.kernel == Kernel::Fused && all {
@@ -133,6 +140,13 @@ impl Adam {
             .expect("multi-tensor Adam on tensors of one device and type");
             return;
         }
+        // The device's step counts follow the host's, for the steps of the other kernels.
+        tch::no_grad(|| {
+            let _ = self.step_t.fill_(t);
+            for s in &mut self.steps {
+                let _ = s.fill_(t);
+            }
+        });
         tch::no_grad(|| {
             for ((((_, p), g), m), v) in self
                 .params
@@ -150,6 +164,39 @@ impl Adam {
                 let _ = p.g_sub_(&update);
             }
         });
+    }
+
+    /// One update that reads nothing from the host, as a CUDA graph records it: the capturable
+    /// kernel; an error if the kernel is another or a parameter got no gradient.
+    pub fn step_on_device(&mut self) -> anyhow::Result<()> {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        if self.kernel != Kernel::Capturable {
+            anyhow::bail!("a step on the device needs Adam's capturable kernel");
+        }
+        if let Some((name, _)) = (self.params.iter().zip(&grads)).find(|(_, g)| !g.defined()) {
+            anyhow::bail!(
+                "parameter {} got no gradient: a CUDA graph's step needs every parameter trained",
+                name.0
+            );
+        }
+        self.step += 1;
+        self.capturable(&grads)
+    }
+
+    /// The capturable kernel's update (step count and learning rate on the device).
+    fn capturable(&self, grads: &[Tensor]) -> anyhow::Result<()> {
+        let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+        super::kernels::foreach_adam_capturable(
+            &params,
+            &refs(grads),
+            &refs(&self.m),
+            &refs(&self.v),
+            &self.step_t,
+            &self.lr_t,
+            BETA1,
+            BETA2,
+            EPSILON,
+        )
     }
 
     /// The gradients of the parameters (for loss-scale unscaling and finiteness checks).
@@ -226,7 +273,35 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_and_grads_set_to_none_give_the_same_weights_after_three_steps() {
+    fn steps_where_a_parameter_has_no_gradient_keep_every_kernels_step_count() {
+        // Two steps train only `a` (as a frozen backbone does: the plain fallback), two train
+        // both; the fused and capturable kernels' device step counts must have followed.
+        let run = |kernel: Kernel| {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let a = vs.root().var("a", &[3], nn::Init::Const(1.0));
+            let b = vs.root().var("b", &[3], nn::Init::Const(1.0));
+            let mut opt = Adam::new(&vs, 0.1);
+            opt.kernel = kernel;
+            for i in 0..4 {
+                opt.zero_grad();
+                let mut loss = (&a * &a).sum(Kind::Float);
+                if i >= 2 {
+                    loss += (&b * &b * 3.0).sum(Kind::Float);
+                }
+                loss.backward();
+                opt.step();
+            }
+            Tensor::cat(&[a, b], 0)
+        };
+        let want = run(Kernel::Foreach);
+        for kernel in [Kernel::Fused, Kernel::Capturable] {
+            let diff = (run(kernel) - &want).abs().max().double_value(&[]);
+            assert!(diff <= 1e-6, "{kernel:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn every_kernel_and_grads_set_to_none_give_the_same_weights_after_three_steps_of_changing_lr() {
         use crate::model::efficientnet::{Tagger, TaggerConfig};
         // The B0 tagger's parameters; each step's gradients are fixed random tensors (the loss
         // sum(p * r) has gradient r), so the two optimizers see the same gradients.
@@ -250,7 +325,9 @@ mod tests {
             let mut opt = Adam::new(&vs, 1e-3);
             opt.kernel = kernel;
             let mut v = vs.variables();
-            for step in &grads {
+            for (i, step) in grads.iter().enumerate() {
+                // A learning rate that changes each step, as a schedule sets it.
+                opt.set_lr(1e-3 * (i + 1) as f64);
                 if none {
                     opt.zero_grad();
                     assert!(v.values().all(|t| !t.grad().defined()));

@@ -165,6 +165,13 @@ pub fn fit(
     let world = group.as_ref().map_or(1, |g| g.job.world);
     let rank0 = group.as_ref().is_none_or(|g| g.job.rank == 0);
     let micro = check_parts(settings, world)?;
+    if let Some(why) = settings
+        .cuda_graphs
+        .then(|| super::graph::refusal(settings, device, world))
+        .flatten()
+    {
+        bail!("{why}");
+    }
     if device.is_cuda() {
         // Input shapes are fixed per run: let cuDNN pick its fastest kernels once.
         tch::Cuda::cudnn_set_benchmark(true);
@@ -212,7 +219,13 @@ pub fn fit(
         device,
         parts: world * settings.accumulate,
     };
-    let inputs = StaticInputs::new(micro, settings.augment == Augment::Original, device);
+    let mut inputs = StaticInputs::new(micro, settings.augment == Augment::Original, device);
+    if settings.cuda_graphs {
+        match pixels.device() == device {
+            true => inputs.use_graph(super::graph::StepGraph::new(device)?),
+            false => say!("warning: --cuda-graphs on needs the image cache on the device; the steps run without a graph"),
+        }
+    }
     run_epochs(&lp, model, &data, inputs, rank0)
 }
 
@@ -332,7 +345,7 @@ fn finish_epoch(
     let record = EpochRecord {
         epoch,
         train_loss: trained.loss,
-        lr: model.adam.lr,
+        lr: model.adam.lr(),
         epoch_time_s: trained.seconds + started.elapsed().as_secs_f64(),
         train_images_per_s: trained.images as f64 / trained.seconds.max(1e-9),
         validation,
@@ -381,12 +394,16 @@ fn pos_weight(settings: &FitSettings, data: &Data, device: Device) -> Option<Ten
 /// The precision, memory format and split of each step, for the log.
 fn say_layout(settings: &FitSettings, world: usize, micro: usize) {
     say!(
-        "precision {}, {}{}",
+        "precision {}, {}{}{}",
         format!("{:?}", settings.precision).to_lowercase(),
         if settings.channels_last {
             "channels-last"
         } else {
             "contiguous (NCHW)"
+        },
+        match settings.cuda_graphs {
+            true => ", CUDA graphs",
+            false => "",
         },
         match world * settings.accumulate {
             1 => String::new(),

@@ -16,7 +16,7 @@ extern "C" {
         v: *const *const CTensorPtr,
         n: c_int,
         step: *const CTensorPtr,
-        lr: c_double,
+        lr: *const CTensorPtr,
         beta1: c_double,
         beta2: c_double,
         eps: c_double,
@@ -69,18 +69,19 @@ fn ptrs(ts: &[&Tensor]) -> Vec<*const CTensorPtr> {
 
 /// Calls a shim entry point that returns 1 on failure with a message in the buffer it is given.
 fn shim_call(f: impl FnOnce(*mut c_char, c_int) -> c_int) -> Result<()> {
-    let mut err = [0 as c_char; 512];
-    let rc = f(err.as_mut_ptr(), err.len() as c_int);
-    check(rc, &err)
+    shim_call_for("multi-tensor op", f)
 }
 
-fn check(rc: c_int, err: &[c_char]) -> Result<()> {
+/// [`shim_call`], the error naming `what` failed.
+pub(super) fn shim_call_for(what: &str, f: impl FnOnce(*mut c_char, c_int) -> c_int) -> Result<()> {
+    let mut err = [0 as c_char; 512];
+    let rc = f(err.as_mut_ptr(), err.len() as c_int);
     if rc != 0 {
         // SAFETY: the shim wrote a NUL-terminated message into `err`.
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
             .to_string_lossy()
             .into_owned();
-        bail!("multi-tensor op failed: {msg}");
+        bail!("{what} failed: {msg}");
     }
     Ok(())
 }
@@ -119,8 +120,9 @@ pub fn foreach_adam(
     })
 }
 
-/// Keras's Adam step with the step count (`step`, a 0-dim double tensor, incremented) and the
-/// step size as device tensors: nothing read from the host, as a CUDA graph needs.
+/// Keras's Adam step with the step count (`step`, a 0-dim double tensor, incremented), the
+/// learning rate (`lr`, likewise) and the step size as device tensors: nothing read from the
+/// host, as a CUDA graph needs.
 #[allow(clippy::too_many_arguments)]
 pub fn foreach_adam_capturable(
     params: &[&Tensor],
@@ -128,7 +130,7 @@ pub fn foreach_adam_capturable(
     m: &[&Tensor],
     v: &[&Tensor],
     step: &Tensor,
-    lr: f64,
+    lr: &Tensor,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -143,7 +145,7 @@ pub fn foreach_adam_capturable(
             vv.as_ptr(),
             p.len() as c_int,
             step.as_ptr(),
-            lr,
+            lr.as_ptr(),
             beta1,
             beta2,
             eps,

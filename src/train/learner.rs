@@ -156,7 +156,10 @@ pub fn model_and_optimizer(
         false => None,
     };
     let mut adam = Adam::new(&vs, settings.lr);
-    if device.is_cuda() {
+    if settings.cuda_graphs {
+        // The step count and learning rate on the device, where a replayed step reads them.
+        adam.kernel = super::adam::Kernel::Capturable;
+    } else if device.is_cuda() {
         // One kernel launch for every parameter instead of six multi-tensor ones.
         adam.kernel = super::adam::Kernel::Fused;
     }
@@ -237,6 +240,7 @@ mod tests {
             loss: Default::default(),
             best_by: Default::default(),
             tensorboard: false,
+            cuda_graphs: false,
         };
         let Model { vs, adam, .. } =
             model_and_optimizer(&settings, &Taxonomy::ndl(), None, Device::Cpu, true).unwrap();

@@ -9,6 +9,7 @@ pub mod adam;
 pub mod amp;
 pub mod ddp;
 pub mod fit;
+pub mod graph;
 pub mod kernels;
 pub mod learner;
 pub mod loss;

@@ -58,6 +58,10 @@ pub struct FitSettings {
     /// TensorBoard event files in the run folder. A property of the session: not saved.
     #[serde(skip)]
     pub tensorboard: bool,
+    /// Full batches' steps recorded once in a CUDA graph and replayed. A property of the session:
+    /// not saved.
+    #[serde(skip)]
+    pub cuda_graphs: bool,
 }
 
 fn one() -> usize {

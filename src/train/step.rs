@@ -12,12 +12,14 @@ use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
 use super::amp;
+use super::graph::StepGraph;
 use super::learner::Model;
 use super::run_dir::kept_checkpoint;
 use super::runlog::RunLog;
 use super::settings::FitSettings;
 use crate::data::augment::{self, Augment};
 use crate::data::preprocess;
+use crate::model::efficientnet::Tagger;
 use crate::model::precision::{self, Precision};
 use crate::progress;
 
@@ -28,11 +30,13 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
 }
 
 /// The step's inputs at fixed addresses for full batches: indices into the image cache and the
-/// augmentation parameters, refilled by a device-side copy at each step.
+/// augmentation parameters, refilled by a device-side copy at each step; and the CUDA graph
+/// that replays a full batch's step from them, if the run uses one.
 pub struct StaticInputs {
     batch: usize,
     ids: Tensor,
     params: Option<Tensor>,
+    graph: Option<StepGraph>,
 }
 
 impl StaticInputs {
@@ -46,7 +50,29 @@ impl StaticInputs {
                     (Kind::Float, device),
                 )
             }),
+            graph: None,
         }
+    }
+
+    /// Full batches run through `graph` from now on.
+    pub fn use_graph(&mut self, graph: StepGraph) {
+        self.graph = Some(graph);
+    }
+
+    /// When the run has a graph and the step at `start` is one it runs (a full batch, the
+    /// backbone trained): the graph, and the static inputs filled with the step's.
+    fn graph_step(
+        &mut self,
+        plan: &EpochPlan,
+        start: i64,
+        len: usize,
+        frozen: bool,
+    ) -> Option<(&mut StepGraph, Tensor, Option<Tensor>)> {
+        if self.graph.is_none() || len != self.batch || frozen {
+            return None;
+        }
+        let (ids, params) = self.fill(&plan.order, plan.params.as_ref(), start, len as i64);
+        self.graph.as_mut().map(|g| (g, ids, params))
     }
 
     /// The indices and augmentation parameters (if any) of the batch at `start`: the static
@@ -190,7 +216,7 @@ pub fn train_epoch(
             optimizer_step(lp, model, &plan, (epoch, step), inputs, scaler, &loss_acc)?;
         seen += images;
         let global = global_step(&plan, epoch, step);
-        pending.push((global, model.adam.lr, sum / images.max(1) as f64));
+        pending.push((global, model.adam.lr(), sum / images.max(1) as f64));
         bar.inc(images as u64);
         // Read the losses back (a device sync) about twice a second, and at the end.
         if last_read.elapsed().as_secs_f64() > 0.5 || step + 1 == plan.run {
@@ -233,9 +259,9 @@ fn log_steps(log: &mut dyn RunLog, pending: &mut Vec<(u64, f64, Tensor)>) -> Res
 }
 
 /// Step `step` of `epoch`: the learning rate of the schedule, this rank's micro-batches forward
-/// and backward, the optimizer's update and the moving average. Each micro-batch's summed loss is
-/// added to `loss_acc` (on the device); returns the step's summed loss (detached) and its images
-/// on this rank.
+/// and backward (or the CUDA graph's replay of a full batch), the optimizer's update and the
+/// moving average. The step's summed loss is added to `loss_acc` (on the device); returns it
+/// (detached) and the step's images on this rank.
 fn optimizer_step(
     lp: &Loop,
     model: &mut Model,
@@ -246,14 +272,53 @@ fn optimizer_step(
     loss_acc: &Tensor,
 ) -> Result<(Tensor, usize)> {
     let settings = lp.settings;
-    let bs = settings.batch_size;
-    let rank = lp.ddp.map_or(0, |d| d.rank());
-    let start = step * bs;
-    let each = bs.min(plan.images - start) / lp.parts;
+    let start = step * settings.batch_size;
+    let each = settings.batch_size.min(plan.images - start) / lp.parts;
     let at_step = (epoch - 1) * plan.steps + step;
-    model.adam.lr = settings
-        .recipe
-        .lr_at(settings.lr, at_step, plan.steps, settings.epochs);
+    model.adam.set_lr(
+        settings
+            .recipe
+            .lr_at(settings.lr, at_step, plan.steps, settings.epochs),
+    );
+    let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
+    let sum = match inputs.graph_step(plan, start as i64, each, frozen) {
+        Some((graph, ids, params)) => {
+            let mean = graph.step(&mut model.adam, |adam| {
+                let loss = batch_loss(lp, &model.net, &ids, params.as_ref(), frozen);
+                loss.f_backward()?;
+                adam.step_on_device()?;
+                Ok(loss)
+            })?;
+            let sum = tch::no_grad(|| &mean * each as f64);
+            let _ = tch::no_grad(|| loss_acc.shallow_clone().g_add_(&sum));
+            sum
+        }
+        None => eager_step(lp, model, plan, (epoch, step), inputs, scaler, loss_acc)?,
+    };
+    if let (Some(decay), Some((shadow, _))) =
+        (settings.recipe.ema_decay(model.adam.step), &model.shadow)
+    {
+        shadow.average(decay);
+    }
+    Ok((sum, each * settings.accumulate))
+}
+
+/// This rank's micro-batches of step `step`, eagerly: gradients accumulated over them (the
+/// reducer, with several ranks, averaging them in the last backward pass), then the update.
+/// Each micro-batch's summed loss is added to `loss_acc`; returns theirs (detached).
+fn eager_step(
+    lp: &Loop,
+    model: &mut Model,
+    plan: &EpochPlan,
+    (epoch, step): (usize, usize),
+    inputs: &mut StaticInputs,
+    scaler: &mut amp::LossScaler,
+    loss_acc: &Tensor,
+) -> Result<Tensor> {
+    let settings = lp.settings;
+    let rank = lp.ddp.map_or(0, |d| d.rank());
+    let start = step * settings.batch_size;
+    let each = settings.batch_size.min(plan.images - start) / lp.parts;
     model.adam.zero_grad();
     let sum = Tensor::zeros([], (Kind::Float, lp.device));
     for k in 0..settings.accumulate {
@@ -287,12 +352,7 @@ fn optimizer_step(
     if settings.precision != Precision::Fp16 {
         model.adam.step();
     }
-    if let (Some(decay), Some((shadow, _))) =
-        (settings.recipe.ema_decay(model.adam.step), &model.shadow)
-    {
-        shadow.average(decay);
-    }
-    Ok((sum, each * settings.accumulate))
+    Ok(sum)
 }
 
 /// A failed backward pass: with several ranks, the gradient exchange (another rank stopped).
@@ -319,35 +379,46 @@ fn micro_step(
     inputs: &mut StaticInputs,
     (order, params, at, len, epoch): MicroBatch,
 ) -> Result<Tensor> {
-    let (settings, device) = (lp.settings, lp.device);
     // A full micro-batch reads its indices and augmentation parameters from buffers at fixed
     // addresses, filled by a copy (what a captured CUDA graph replays from); a partial one runs
     // eagerly from slices.
     let (ids, batch_params) = inputs.fill(order, params, at, len as i64);
+    let frozen = epoch <= lp.settings.recipe.freeze_backbone_epochs;
+    let loss = batch_loss(lp, &model.net, &ids, batch_params.as_ref(), frozen);
+    if let Some(d) = lp.ddp {
+        d.before_backward()?;
+    }
+    Ok(loss)
+}
+
+/// The mean loss of the images `ids` of the cache (augmented with `params`, if any), forward in
+/// training mode; while the backbone is `frozen` only the head gets gradients.
+fn batch_loss(
+    lp: &Loop,
+    net: &Tagger,
+    ids: &Tensor,
+    params: Option<&Tensor>,
+    frozen: bool,
+) -> Tensor {
+    let (settings, device) = (lp.settings, lp.device);
     let px = if lp.pixels.device() == device {
-        lp.pixels.index_select(0, &ids)
+        lp.pixels.index_select(0, ids)
     } else {
         lp.pixels
             .index_select(0, &ids.to_device(lp.pixels.device()))
             .to_device(device)
     };
-    let x = match &batch_params {
+    let x = match params {
         Some(p) => augment::apply(&px, p),
         None => preprocess::to_input(&px),
     };
     let x = precision::layout(&x, settings.channels_last);
-    let y = lp.targets.index_select(0, &ids);
-    let net = &model.net;
-    // While the backbone is frozen only the head gets gradients.
-    let frozen = epoch <= settings.recipe.freeze_backbone_epochs;
+    let y = lp.targets.index_select(0, ids);
     let logits = precision::autocast(settings.precision, device, || match frozen {
         true => net.head(&net.features_t(&x, true).detach()),
         false => net.forward_t(&x, true),
     });
-    if let Some(d) = lp.ddp {
-        d.before_backward()?;
-    }
-    Ok(settings.loss.loss(&logits, &y, lp.pos_weight))
+    settings.loss.loss(&logits, &y, lp.pos_weight)
 }
 
 #[cfg(test)]

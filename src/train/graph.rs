@@ -1,0 +1,233 @@
+//! CUDA graphs of the training step (`fit --cuda-graphs on`): a full batch's step (the gather from
+//! the image cache on the device, augmentation, forward, loss, backward and Adam's update) runs
+//! eagerly for a few warm-up steps on the graph's own stream, is then recorded once and replayed
+//! from then on: one launch instead of a few thousand kernel launches from the host. The step
+//! reads its inputs from buffers at fixed addresses ([`super::step::StaticInputs`]) and Adam's step
+//! count and learning rate from the device ([`super::adam::Kernel::Capturable`]); it writes its
+//! loss into a buffer of its own. The last partial batch and a frozen backbone's epochs run
+//! eagerly. The C++ side is src/shim/graph.cpp.
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use super::adam::Adam;
+use super::settings::FitSettings;
+use crate::model::precision::Precision;
+
+/// Eager steps on the graph's stream before the capture (cuDNN's benchmark picks its kernels, the
+/// allocator and the libraries set up their workspaces).
+pub const WARMUP: usize = 3;
+
+/// Why `--cuda-graphs on` cannot apply to this run, if it cannot (`world`: ranks).
+pub fn refusal(settings: &FitSettings, device: Device, world: usize) -> Option<String> {
+    if !cfg!(trainer_graphs) {
+        return Some("--cuda-graphs on: this trainer was built without CUDA graphs (it needs a torch wheel with CUDA and the CUDA headers scripts/setup installs)".into());
+    }
+    if !device.is_cuda() {
+        return Some(format!(
+            "--cuda-graphs on needs a CUDA device (this run trains on {})",
+            crate::device::describe(device)
+        ));
+    }
+    if settings.precision == Precision::Fp16 {
+        return Some("--cuda-graphs on with --precision fp16 is not supported (its loss scaler decides each step on the host); use bf16 or fp32".into());
+    }
+    if world * settings.accumulate > 1 {
+        return Some("--cuda-graphs on with several ranks or --accumulate is not supported (the gradient exchange runs outside the graph)".into());
+    }
+    None
+}
+
+enum Phase {
+    /// Eager steps run on the graph's stream so far.
+    Warmup(usize),
+    Replay,
+}
+
+/// The training step's graph, its phase and the buffer its loss is written to.
+pub struct StepGraph {
+    graph: Graph,
+    phase: Phase,
+    loss: Tensor,
+}
+
+impl StepGraph {
+    pub fn new(device: Device) -> Result<StepGraph> {
+        let index = match device {
+            Device::Cuda(i) => i,
+            _ => anyhow::bail!("CUDA graphs need a CUDA device"),
+        };
+        Ok(StepGraph {
+            graph: Graph::new(index)?,
+            phase: Phase::Warmup(0),
+            loss: Tensor::zeros([], (Kind::Float, device)),
+        })
+    }
+
+    /// One step. `body` (forward, backward and `adam.step()` from the static inputs, filled
+    /// before) runs eagerly for the warm-up steps, is recorded at the next and replayed from
+    /// then on. Returns the step's mean loss (the graph's buffer: read it before the next step).
+    pub fn step(
+        &mut self,
+        adam: &mut Adam,
+        body: impl FnOnce(&mut Adam) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self.phase {
+            Phase::Replay => {
+                self.graph.replay()?;
+                // The host's count of Adam's steps (the device's is incremented by the graph).
+                adam.step += 1;
+            }
+            Phase::Warmup(n) => {
+                let capture = n == WARMUP;
+                self.graph.enter()?;
+                let ran = self.on_stream(adam, body, capture);
+                self.graph.exit()?;
+                ran?;
+                self.phase = match capture {
+                    // Recorded, not run: this step's work runs now.
+                    true => {
+                        self.graph.replay()?;
+                        Phase::Replay
+                    }
+                    false => Phase::Warmup(n + 1),
+                };
+            }
+        }
+        Ok(self.loss.shallow_clone())
+    }
+
+    /// `body` on the graph's stream (made current by the caller), recorded if `capture`; its
+    /// loss copied into the graph's buffer. A capture is ended even when `body` failed, so the
+    /// stream leaves capture mode.
+    fn on_stream(
+        &mut self,
+        adam: &mut Adam,
+        body: impl FnOnce(&mut Adam) -> Result<Tensor>,
+        capture: bool,
+    ) -> Result<()> {
+        adam.zero_grad();
+        if capture {
+            self.graph.begin()?;
+        }
+        let ran = body(adam).map(|loss| {
+            self.loss.copy_(&loss.detach());
+        });
+        let ended = match capture {
+            true => self.graph.end(),
+            false => Ok(()),
+        };
+        ran.and(ended)
+    }
+}
+
+#[cfg(trainer_graphs)]
+use graph_ffi::Graph;
+
+#[cfg(not(trainer_graphs))]
+use no_graphs::Graph;
+
+#[cfg(trainer_graphs)]
+mod graph_ffi {
+    use std::ffi::{c_char, c_int, c_void};
+    use std::ptr::NonNull;
+
+    use anyhow::Result;
+
+    use crate::train::kernels::shim_call_for;
+
+    extern "C" {
+        fn trainer_graph_new(device: c_int, err: *mut c_char, errlen: c_int) -> *mut c_void;
+        fn trainer_graph_free(graph: *mut c_void);
+        fn trainer_graph_enter(graph: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+        fn trainer_graph_exit(graph: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+        fn trainer_graph_begin(graph: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+        fn trainer_graph_end(graph: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+        fn trainer_graph_replay(graph: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+    }
+
+    /// A `at::cuda::CUDAGraph` with its capture stream, freed on drop.
+    pub struct Graph(NonNull<c_void>);
+
+    type Entry = unsafe extern "C" fn(*mut c_void, *mut c_char, c_int) -> c_int;
+
+    impl Graph {
+        pub fn new(device: usize) -> Result<Graph> {
+            let mut made = std::ptr::null_mut();
+            // SAFETY: the shim writes a message into the buffer it is given on failure.
+            shim_call_for("creating a CUDA graph", |err, len| unsafe {
+                made = trainer_graph_new(device as c_int, err, len);
+                made.is_null() as c_int
+            })?;
+            NonNull::new(made)
+                .map(Graph)
+                .ok_or_else(|| anyhow::anyhow!("creating a CUDA graph failed"))
+        }
+
+        fn call(&self, what: &str, entry: Entry) -> Result<()> {
+            // SAFETY: `self.0` is a live graph made by trainer_graph_new.
+            shim_call_for(what, |err, len| unsafe { entry(self.0.as_ptr(), err, len) })
+        }
+
+        /// Makes the graph's stream current (after the work queued on the current one).
+        pub fn enter(&self) -> Result<()> {
+            self.call("switching to the CUDA graph's stream", trainer_graph_enter)
+        }
+
+        /// Gives the previous stream back, after the graph stream's work.
+        pub fn exit(&self) -> Result<()> {
+            self.call("leaving the CUDA graph's stream", trainer_graph_exit)
+        }
+
+        pub fn begin(&self) -> Result<()> {
+            self.call("starting the CUDA graph's capture", trainer_graph_begin)
+        }
+
+        pub fn end(&self) -> Result<()> {
+            self.call(
+                "capturing the training step in a CUDA graph",
+                trainer_graph_end,
+            )
+        }
+
+        pub fn replay(&self) -> Result<()> {
+            self.call("replaying the CUDA graph", trainer_graph_replay)
+        }
+    }
+
+    impl Drop for Graph {
+        fn drop(&mut self) {
+            // SAFETY: made by trainer_graph_new, freed once.
+            unsafe { trainer_graph_free(self.0.as_ptr()) }
+        }
+    }
+}
+
+/// A build without CUDA graphs: none can be made ([`refusal`] says so before).
+#[cfg(not(trainer_graphs))]
+mod no_graphs {
+    use anyhow::{bail, Result};
+
+    pub enum Graph {}
+
+    impl Graph {
+        pub fn new(_device: usize) -> Result<Graph> {
+            bail!("this trainer was built without CUDA graphs")
+        }
+        pub fn enter(&self) -> Result<()> {
+            match *self {}
+        }
+        pub fn exit(&self) -> Result<()> {
+            match *self {}
+        }
+        pub fn begin(&self) -> Result<()> {
+            match *self {}
+        }
+        pub fn end(&self) -> Result<()> {
+            match *self {}
+        }
+        pub fn replay(&self) -> Result<()> {
+            match *self {}
+        }
+    }
+}
