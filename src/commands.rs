@@ -65,14 +65,15 @@ pub fn infer(args: InferArgs) -> Result<ExitCode> {
     }
     let rate = s.images_tagged as f64 / s.seconds.max(1e-9);
     crate::errln!(
-        "tagged {} images, skipped {}, {} JSON files in {} ({:.1} s, {:.1} images/s on {})",
+        "tagged {} images, skipped {}, {} JSON files in {} ({:.1} s, {:.1} images/s on {}; {:.1} s of it waiting for decoding)",
         s.images_tagged,
         s.skipped.len(),
         s.folders_written,
         opts.output.display(),
         s.seconds,
         rate,
-        device::describe(device)
+        device::describe(device),
+        s.waiting_seconds
     );
     if s.interrupted {
         crate::errln!("interrupted: the JSON files written are complete; run the same command again to redo the rest");

@@ -172,6 +172,14 @@ fn engines() -> String {
     );
     let _ = writeln!(
         s,
+        "CUDA graphs of the training step (fit --cuda-graphs on): {}",
+        match crate::train::graph::BUILT {
+            true => "in this build",
+            false => "not in this build (a torch wheel with CUDA and the CUDA headers scripts/setup installs)",
+        }
+    );
+    let _ = writeln!(
+        s,
         "CPU engine of infer and eval (fp32): {}",
         match crate::model::onnxruntime::describe() {
             Ok(version) => format!("ONNX Runtime {version}"),

@@ -60,6 +60,9 @@ pub struct InferSummary {
     /// Files that could not be used, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
     pub seconds: f64,
+    /// Of `seconds`, the time the model waited for decoded images (decoding is the bottleneck
+    /// when it is most of it).
+    pub waiting_seconds: f64,
     pub interrupted: bool,
 }
 
@@ -350,7 +353,9 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
     let producer = std::thread::spawn(move || decode_folders(folders, size, batch, tx));
     let mut writer = TagWriter::new(model, opts);
     let mut result = Ok(());
+    let mut waited = Instant::now();
     for items in rx {
+        summary.waiting_seconds += waited.elapsed().as_secs_f64();
         if progress::interrupted() {
             break;
         }
@@ -358,6 +363,7 @@ pub fn run(model: &LoadedModel, opts: &InferOptions) -> Result<InferSummary> {
         if result.is_err() {
             break;
         }
+        waited = Instant::now();
     }
     summary.interrupted = progress::interrupted();
     drop(writer);

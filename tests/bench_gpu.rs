@@ -63,6 +63,7 @@ fn the_gpu_benchmark_runs_every_stage_on_the_cpu_and_keeps_its_logs() {
     for log in ["version", "doctor", "fit_b12_fp32", "fit_b12_bf16", "infer"] {
         assert!(out.join(format!("logs/{log}.log")).is_file(), "{log}.log");
     }
+    assert!(summary.contains("of it waiting for decoding)"), "{summary}");
     // The CUDA-graph run is refused on a CPU, clearly, and the benchmark goes on.
     assert!(
         summary.contains("fit_b12_fp32-graphs: failed") && summary.contains("--cuda-graphs on"),

@@ -16,6 +16,16 @@ fn doctor_tells_the_torch_build_the_gpu_verdict_and_the_cpu() {
         text.contains("CPU: ") && text.contains("threads: libtorch"),
         "{text}"
     );
+    let graphs = match trainer::train::graph::BUILT {
+        true => "in this build",
+        false => "not in this build",
+    };
+    assert!(
+        text.contains(&format!(
+            "CUDA graphs of the training step (fit --cuda-graphs on): {graphs}"
+        )),
+        "{text}"
+    );
     // scripts/setup installs the onnxruntime wheel the build finds.
     assert!(
         text.contains("CPU engine of infer and eval (fp32): ONNX Runtime 1."),

@@ -173,6 +173,12 @@ fn unreadable_files_are_reported_and_skipped() {
         );
     }
     assert!(stderr.contains("tagged 2 images, skipped 4"), "{stderr}");
+    // The summary splits the time: the share the model waited for decoding is within the whole.
+    let (total, waiting) = times(&stderr);
+    assert!(
+        total > 0.0 && (0.0..=total + 0.05).contains(&waiting),
+        "{stderr}"
+    );
     let json = read_json(&out.join("book1.json"));
     let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
     assert_eq!(keys, goods.iter().collect::<Vec<_>>());
@@ -208,6 +214,19 @@ fn wrong_weights_files_are_refused_with_the_reason() {
 
     let err = infer_error(&common::oracle().join("b0_notop_weights.h5"));
     assert!(err.contains("only the backbone"), "{err}");
+}
+
+/// The seconds of an infer summary, "(T s, ... images/s on ...; W s of it waiting for decoding)":
+/// (T, W).
+fn times(stderr: &str) -> (f64, f64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("tagged "))
+        .expect("a summary line");
+    let total = line.split(" (").nth(1).and_then(|r| r.split(' ').next());
+    let waiting = line.split("; ").last().and_then(|r| r.split(' ').next());
+    let number = |s: Option<&str>| s.and_then(|s| s.parse::<f64>().ok()).expect(line);
+    (number(total), number(waiting))
 }
 
 /// The number in "tagged N images" of an infer summary.

@@ -18,9 +18,12 @@ use crate::model::precision::Precision;
 /// allocator and the libraries set up their workspaces).
 pub const WARMUP: usize = 3;
 
+/// Whether this build has CUDA graphs (the shim's graph.cpp, built with the CUDA headers).
+pub const BUILT: bool = cfg!(trainer_graphs);
+
 /// Why `--cuda-graphs on` cannot apply to this run, if it cannot (`world`: ranks).
 pub fn refusal(settings: &FitSettings, device: Device, world: usize) -> Option<String> {
-    if !cfg!(trainer_graphs) {
+    if !BUILT {
         return Some("--cuda-graphs on: this trainer was built without CUDA graphs (it needs a torch wheel with CUDA and the CUDA headers scripts/setup installs)".into());
     }
     if !device.is_cuda() {
