@@ -68,6 +68,8 @@ int trainer_graph_enter(void* g, char* err, int errlen) {
       [&] {
         auto* G = of(g);
         if (G->previous) return;
+        // The capture checks the current device's stream: make the training device current.
+        c10::cuda::set_device(G->device);
         const auto current = c10::cuda::getCurrentCUDAStream(G->device);
         wait(current, G->stream);
         c10::cuda::setCurrentCUDAStream(G->stream);

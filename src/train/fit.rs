@@ -233,6 +233,8 @@ pub fn fit(
 struct Progress {
     best: Best,
     history: Vec<EpochRecord>,
+    /// The validation's CUDA graph (`--cuda-graphs on`, rank 0, the image cache on the device).
+    eval_graph: Option<validate::EvalGraph>,
 }
 
 /// The epochs of this session, from the one after the previous checkpoint's.
@@ -251,6 +253,14 @@ fn run_epochs(
         history: prev.map_or_else(Vec::new, |p| {
             run_dir::resumed_history(p, &run_dir.join(RESULTS))
         }),
+        eval_graph: match settings.cuda_graphs && rank0 && lp.pixels.device() == lp.device {
+            true => Some(validate::EvalGraph::new(
+                validation_batch(settings),
+                data.taxonomy.labels.len(),
+                lp.device,
+            )?),
+            false => None,
+        },
     };
     let mut logs = RunLogs::default();
     if rank0 {
@@ -323,15 +333,15 @@ fn finish_epoch(
     let settings = lp.settings;
     learner::update_used_weights(model, settings, lp.pixels, &trained.order);
     let (_, used_net) = model.used();
-    let batch = settings.batch_size * 2;
     let validation = validate::validate(
         used_net,
         lp.pixels,
         lp.targets,
         &data.val_idx,
-        batch,
+        validation_batch(settings),
         settings.channels_last,
-    );
+        progress.eval_graph.as_mut(),
+    )?;
     if let Some(v) = validation
         .as_ref()
         .map(|v| v.loss)
@@ -364,6 +374,11 @@ fn finish_epoch(
     }
     let stop = progress.best.stop_reason(settings, epoch);
     Ok(stop.filter(|_| epoch < settings.epochs))
+}
+
+/// Images per validation batch (no gradients kept: twice the training batch).
+fn validation_batch(settings: &FitSettings) -> usize {
+    settings.batch_size * 2
 }
 
 /// `--pos-weight auto`: each label's negatives over positives in the training split.

@@ -5,7 +5,9 @@
 //! reads its inputs from buffers at fixed addresses ([`super::step::StaticInputs`]) and Adam's step
 //! count and learning rate from the device ([`super::adam::Kernel::Capturable`]); it writes its
 //! loss into a buffer of its own. The last partial batch and a frozen backbone's epochs run
-//! eagerly. The C++ side is src/shim/graph.cpp.
+//! eagerly. [`Recorded`] is the warm-up, capture and replay that the training step
+//! ([`StepGraph`]) and validation's forward pass (`validate::EvalGraph`) share. The C++ side is
+//! src/shim/graph.cpp.
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -42,85 +44,114 @@ pub fn refusal(settings: &FitSettings, device: Device, world: usize) -> Option<S
 }
 
 enum Phase {
-    /// Eager steps run on the graph's stream so far.
+    /// Eager runs on the graph's stream so far.
     Warmup(usize),
     Replay,
 }
 
-/// The training step's graph, its phase and the buffer its loss is written to.
-pub struct StepGraph {
-    graph: Graph,
-    phase: Phase,
-    loss: Tensor,
+/// What a [`Recorded::run`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ran {
+    /// The body ran on the host: eagerly, or recorded and then replayed once.
+    Body,
+    /// Only the graph's replay ran (the body's host side did not).
+    Replay,
 }
 
-impl StepGraph {
-    pub fn new(device: Device) -> Result<StepGraph> {
+/// Work recorded in a CUDA graph after `warmup` eager runs on the graph's stream, then replayed.
+pub struct Recorded {
+    graph: Graph,
+    warmup: usize,
+    phase: Phase,
+}
+
+impl Recorded {
+    pub fn new(device: Device, warmup: usize) -> Result<Recorded> {
         let index = match device {
             Device::Cuda(i) => i,
             _ => anyhow::bail!("CUDA graphs need a CUDA device"),
         };
-        Ok(StepGraph {
+        Ok(Recorded {
             graph: Graph::new(index)?,
+            warmup,
             phase: Phase::Warmup(0),
-            loss: Tensor::zeros([], (Kind::Float, device)),
         })
     }
 
-    /// One step. `body` (forward, backward and `adam.step()` from the static inputs, filled
-    /// before) runs eagerly for the warm-up steps, is recorded at the next and replayed from
-    /// then on. Returns the step's mean loss (the graph's buffer: read it before the next step).
-    pub fn step(
-        &mut self,
-        adam: &mut Adam,
-        body: impl FnOnce(&mut Adam) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        match self.phase {
+    /// Runs `body`, which must read and write only tensors at fixed addresses (filled before, read
+    /// after): eagerly on the graph's stream for the warm-up runs, recorded at the next (then
+    /// replayed once, so its work is done), replayed from then on.
+    pub fn run(&mut self, body: impl FnOnce() -> Result<()>) -> Result<Ran> {
+        let n = match self.phase {
             Phase::Replay => {
                 self.graph.replay()?;
-                // The host's count of Adam's steps (the device's is incremented by the graph).
-                adam.step += 1;
+                return Ok(Ran::Replay);
             }
-            Phase::Warmup(n) => {
-                let capture = n == WARMUP;
-                self.graph.enter()?;
-                let ran = self.on_stream(adam, body, capture);
-                self.graph.exit()?;
-                ran?;
-                self.phase = match capture {
-                    // Recorded, not run: this step's work runs now.
-                    true => {
-                        self.graph.replay()?;
-                        Phase::Replay
-                    }
-                    false => Phase::Warmup(n + 1),
-                };
+            Phase::Warmup(n) => n,
+        };
+        let capture = n == self.warmup;
+        self.graph.enter()?;
+        let ran = self.on_stream(body, capture);
+        self.graph.exit()?;
+        ran?;
+        self.phase = match capture {
+            true => {
+                self.graph.replay()?;
+                Phase::Replay
             }
-        }
-        Ok(self.loss.shallow_clone())
+            false => Phase::Warmup(n + 1),
+        };
+        Ok(Ran::Body)
     }
 
-    /// `body` on the graph's stream (made current by the caller), recorded if `capture`; its
-    /// loss copied into the graph's buffer. A capture is ended even when `body` failed, so the
-    /// stream leaves capture mode.
-    fn on_stream(
-        &mut self,
-        adam: &mut Adam,
-        body: impl FnOnce(&mut Adam) -> Result<Tensor>,
-        capture: bool,
-    ) -> Result<()> {
-        adam.zero_grad();
+    /// `body` on the graph's stream (made current by the caller), recorded if `capture`. A
+    /// capture is ended even when `body` failed, so the stream leaves capture mode.
+    fn on_stream(&self, body: impl FnOnce() -> Result<()>, capture: bool) -> Result<()> {
         if capture {
             self.graph.begin()?;
         }
-        let ran = body(adam).map(|loss| {
-            self.loss.copy_(&loss.detach());
-        });
+        let ran = body();
         let ended = match capture {
             true => self.graph.end(),
             false => Ok(()),
         };
         ran.and(ended)
+    }
+}
+
+/// The training step's graph and the buffer its loss is written to.
+pub struct StepGraph {
+    recorded: Recorded,
+    loss: Tensor,
+}
+
+impl StepGraph {
+    pub fn new(device: Device) -> Result<StepGraph> {
+        Ok(StepGraph {
+            recorded: Recorded::new(device, WARMUP)?,
+            loss: Tensor::zeros([], (Kind::Float, device)),
+        })
+    }
+
+    /// One step: `body` (forward, backward and `adam.step_on_device()` from the static inputs,
+    /// filled before) through [`Recorded::run`], the gradients set to none before it. Returns
+    /// the step's mean loss (the graph's buffer: read it before the next step).
+    pub fn step(
+        &mut self,
+        adam: &mut Adam,
+        body: impl FnOnce(&mut Adam) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let loss = &self.loss;
+        let ran = self.recorded.run(|| {
+            adam.zero_grad();
+            loss.shallow_clone().copy_(&body(adam)?.detach());
+            Ok(())
+        })?;
+        if ran == Ran::Replay {
+            // The host's count of Adam's steps (the device's is incremented by the graph).
+            adam.step += 1;
+        }
+        Ok(self.loss.shallow_clone())
     }
 }
 
