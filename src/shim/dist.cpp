@@ -28,14 +28,11 @@
 #include <string>
 #include <vector>
 
-namespace {
-void copy_error(const std::exception& e, char* err, int len) {
-  if (len > 0) {
-    std::strncpy(err, e.what(), static_cast<size_t>(len - 1));
-    err[len - 1] = '\0';
-  }
-}
+#include "shim.h"
 
+using trainer_shim::copy_error;
+
+namespace {
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
@@ -100,13 +97,7 @@ int listen_on(const std::string& host, int port) {
 
 // One tensor per collective, contiguous, as Gloo wants; waits for completion.
 int run(c10::intrusive_ptr<c10d::Work> work, char* err, int errlen) {
-  try {
-    work->wait();
-    return 0;
-  } catch (const std::exception& e) {
-    copy_error(e, err, errlen);
-    return 1;
-  }
+  return trainer_shim::guarded([&] { work->wait(); }, err, errlen);
 }
 }  // namespace
 

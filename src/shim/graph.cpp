@@ -15,6 +15,7 @@
 #include "shim.h"
 
 using trainer_shim::copy_error;
+using trainer_shim::guarded;
 
 namespace {
 struct Graph {
@@ -34,17 +35,6 @@ void wait(const c10::cuda::CUDAStream& from, const c10::cuda::CUDAStream& to) {
   c10::Event done(c10::DeviceType::CUDA);
   done.record(from.unwrap());
   done.block(to.unwrap());
-}
-
-template <typename F>
-int guarded(F f, char* err, int errlen) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    copy_error(e, err, errlen);
-    return 1;
-  }
 }
 }  // namespace
 

@@ -17,6 +17,18 @@ inline void copy_error(const std::exception& e, char* err, int len) {
   }
 }
 
+// Runs `f`: 0, or 1 with the message of the exception it threw in `err`.
+template <typename F>
+int guarded(F f, char* err, int errlen) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, errlen);
+    return 1;
+  }
+}
+
 // The `n` tensors behind `ptrs`, as a list for the multi-tensor (_foreach_*) ops.
 inline std::vector<at::Tensor> list(at::Tensor** ptrs, int n) {
   std::vector<at::Tensor> out;
