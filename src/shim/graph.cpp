@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/Event.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -43,6 +44,7 @@ extern "C" {
 // A graph for CUDA device `device`, or null with a message in err.
 void* trainer_graph_new(int device, char* err, int errlen) {
   try {
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
     return new Graph(static_cast<c10::DeviceIndex>(device));
   } catch (const std::exception& e) {
     copy_error(e, err, errlen);
@@ -88,6 +90,9 @@ int trainer_graph_begin(void* g, char* err, int errlen) {
       [&] {
         auto* G = of(g);
         c10::cuda::device_synchronize();
+        // What the warm-up left cached goes back to the device before the graph takes its own
+        // pool (as torch.cuda.graph does).
+        c10::cuda::CUDACachingAllocator::emptyCache();
         G->cache_before = at::autocast::is_autocast_cache_enabled();
         at::autocast::set_autocast_cache_enabled(false);
         G->graph.capture_begin();

@@ -110,12 +110,23 @@ impl Recorded {
         if capture {
             self.graph.begin()?;
         }
-        let ran = body();
+        // A failed op of tch's panics: caught, so the capture still ends and the stream is left.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
+            .unwrap_or_else(|panic| Err(anyhow::anyhow!("{}", panic_text(&*panic))));
         let ended = match capture {
             true => self.graph.end(),
             false => Ok(()),
         };
         ran.and(ended)
+    }
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<String>(), panic.downcast_ref::<&str>()) {
+        (Some(s), _) => s.clone(),
+        (None, Some(s)) => s.to_string(),
+        (None, None) => "a panic".into(),
     }
 }
 
@@ -234,6 +245,17 @@ mod graph_ffi {
             // SAFETY: made by trainer_graph_new, freed once.
             unsafe { trainer_graph_free(self.0.as_ptr()) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_in_a_recorded_body_becomes_its_message() {
+        let p = std::panic::catch_unwind(|| panic!("bad op {}", 7)).unwrap_err();
+        assert_eq!(super::panic_text(&*p), "bad op 7");
+        let p = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(super::panic_text(&*p), "static");
     }
 }
 
