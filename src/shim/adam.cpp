@@ -1,5 +1,6 @@
 // The optimizer step's kernels for training (src/train/kernels.rs): Keras-style Adam steps with the
-// multi-tensor (_foreach_*) ops or PyTorch's fused kernel, and dropping gradients. Compiled
+// multi-tensor (_foreach_*) ops or PyTorch's fused kernel, dropping gradients, and the moving
+// average's update. Compiled
 // against the headers of the torch wheel that provides libtorch (see build.rs); plain C entry
 // points for Rust.
 #include <ATen/ATen.h>
@@ -13,6 +14,18 @@ using trainer_shim::copy_error;
 using trainer_shim::list;
 
 extern "C" {
+
+// a = lerp(a, b, weight) for every pair, in multi-tensor kernels (the moving average of --ema).
+int trainer_foreach_lerp(at::Tensor** a, at::Tensor** b, int n, double weight, char* err,
+                         int errlen) {
+  return trainer_shim::guarded(
+      [&] {
+        at::NoGradGuard no_grad;
+        auto A = list(a, n), B = list(b, n);
+        at::_foreach_lerp_(A, B, weight);
+      },
+      err, errlen);
+}
 
 // Drops each tensor's gradient (as PyTorch's zero_grad(set_to_none=True)): the next backward
 // writes fresh gradients instead of adding into zeroed ones.

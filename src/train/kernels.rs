@@ -9,6 +9,14 @@ use tch::Tensor;
 
 extern "C" {
     fn trainer_grads_to_none(params: *const *const CTensorPtr, n: c_int);
+    fn trainer_foreach_lerp(
+        a: *const *const CTensorPtr,
+        b: *const *const CTensorPtr,
+        n: c_int,
+        weight: c_double,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
     fn trainer_foreach_adam_capturable(
         params: *const *const CTensorPtr,
         grads: *const *const CTensorPtr,
@@ -183,6 +191,24 @@ pub fn fused_adam(
             beta1,
             beta2,
             eps,
+            err,
+            len,
+        )
+    })
+}
+
+/// `a = lerp(a, b, weight)` for every pair, in a few multi-tensor kernels instead of one per
+/// pair (on the CPU the same per-tensor arithmetic).
+pub fn foreach_lerp(a: &[&Tensor], b: &[&Tensor], weight: f64) -> Result<()> {
+    assert_eq!(a.len(), b.len());
+    let (pa, pb) = (ptrs(a), ptrs(b));
+    // SAFETY: two arrays of `n` live tensor pointers; the shim copies the handles.
+    shim_call(|err, len| unsafe {
+        trainer_foreach_lerp(
+            pa.as_ptr(),
+            pb.as_ptr(),
+            pa.len() as c_int,
+            weight,
             err,
             len,
         )

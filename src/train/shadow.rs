@@ -42,12 +42,12 @@ impl Shadow {
 
     /// shadow = decay * shadow + (1 - decay) * trained, for every variable (batch-norm statistics
     /// included).
+    /// In multi-tensor kernels (one launch per few hundred tensors on CUDA).
     pub fn average(&self, decay: f64) {
-        tch::no_grad(|| {
-            for (s, t) in &self.pairs {
-                let _ = s.shallow_clone().lerp_(t, 1.0 - decay);
-            }
-        });
+        let (shadows, trained): (Vec<&Tensor>, Vec<&Tensor>) =
+            self.pairs.iter().map(|(s, t)| (s, t)).unzip();
+        super::kernels::foreach_lerp(&shadows, &trained, 1.0 - decay)
+            .expect("multi-tensor lerp on tensors of one device and type");
     }
 
     /// shadow = trained.
@@ -131,6 +131,37 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
         shadow.copy();
         assert!(shadow.vs.variables()["l.weight"].equal(&trained.variables()["l.weight"]));
+    }
+
+    #[test]
+    fn the_multi_tensor_average_is_the_per_tensor_lerp_bit_for_bit() {
+        use crate::model::efficientnet::{Tagger, TaggerConfig};
+        let trained = VarStore::new(Device::Cpu);
+        let _t = Tagger::new(&trained.root(), TaggerConfig::default());
+        let mine = VarStore::new(Device::Cpu);
+        let _m = Tagger::new(&mine.root(), TaggerConfig::default());
+        let shadow = Shadow::new(mine, &trained);
+        tch::no_grad(|| {
+            for t in trained.variables().values() {
+                t.shallow_clone().copy_(&(t.randn_like() * 0.1));
+            }
+        });
+        let before = shadow.vs.variables();
+        let want: Vec<(String, Tensor)> = before
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    s.detach().copy().lerp(&trained.variables()[k], 1.0 - 0.97),
+                )
+            })
+            .collect();
+        shadow.average(0.97);
+        let after = shadow.vs.variables();
+        for (name, w) in &want {
+            assert!(after[name].equal(w), "{name}");
+        }
+        assert!(!after["stem_conv.weight"].equal(&trained.variables()["stem_conv.weight"]));
     }
 
     #[test]
