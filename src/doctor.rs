@@ -174,8 +174,8 @@ fn engines() -> String {
         s,
         "CUDA graphs of the training step (fit --cuda-graphs on): {}",
         match crate::train::graph::BUILT {
-            true => "in this build",
-            false => "not in this build (a torch wheel with CUDA and the CUDA headers scripts/setup installs)",
+            true => "in this build".into(),
+            false => format!("not in this build ({})", crate::train::graph::NEEDS),
         }
     );
     let _ = writeln!(

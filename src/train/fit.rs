@@ -220,20 +220,27 @@ pub fn fit(
         parts: world * settings.accumulate,
     };
     let mut inputs = StaticInputs::new(micro, settings.augment == Augment::Original, device);
+    // With graphs (one rank: see graph::refusal), the training step's and validation's.
+    let mut eval_graph = None;
     if settings.cuda_graphs {
         match pixels.device() == device {
-            true => inputs.use_graph(super::graph::StepGraph::new(device)?),
+            true => {
+                inputs.use_graph(super::graph::StepGraph::new(device)?);
+                let labels = data.taxonomy.labels.len();
+                let batch = validation_batch(settings);
+                eval_graph = Some(validate::EvalGraph::new(batch, labels, device)?);
+            }
             false => say!("warning: --cuda-graphs on needs the image cache on the device; the steps run without a graph"),
         }
     }
-    run_epochs(&lp, model, &data, inputs, rank0)
+    run_epochs(&lp, model, &data, (inputs, eval_graph), rank0)
 }
 
 /// The run's state between epochs: the best epoch and every epoch's record.
 struct Progress {
     best: Best,
     history: Vec<EpochRecord>,
-    /// The validation's CUDA graph (`--cuda-graphs on`, rank 0, the image cache on the device).
+    /// The validation's CUDA graph (`--cuda-graphs on`, the image cache on the device).
     eval_graph: Option<validate::EvalGraph>,
 }
 
@@ -242,7 +249,7 @@ fn run_epochs(
     lp: &Loop,
     mut model: Model,
     data: &Data,
-    mut inputs: StaticInputs,
+    (mut inputs, eval_graph): (StaticInputs, Option<validate::EvalGraph>),
     rank0: bool,
 ) -> Result<FitSummary> {
     let (settings, run_dir) = (lp.settings, lp.run_dir);
@@ -253,14 +260,7 @@ fn run_epochs(
         history: prev.map_or_else(Vec::new, |p| {
             run_dir::resumed_history(p, &run_dir.join(RESULTS))
         }),
-        eval_graph: match settings.cuda_graphs && rank0 && lp.pixels.device() == lp.device {
-            true => Some(validate::EvalGraph::new(
-                validation_batch(settings),
-                data.taxonomy.labels.len(),
-                lp.device,
-            )?),
-            false => None,
-        },
+        eval_graph,
     };
     let mut logs = RunLogs::default();
     if rank0 {

@@ -23,10 +23,15 @@ pub const WARMUP: usize = 3;
 /// Whether this build has CUDA graphs (the shim's graph.cpp, built with the CUDA headers).
 pub const BUILT: bool = cfg!(trainer_graphs);
 
+/// What a build needs to have them.
+pub const NEEDS: &str = "a torch wheel with CUDA and the CUDA headers scripts/setup installs";
+
 /// Why `--cuda-graphs on` cannot apply to this run, if it cannot (`world`: ranks).
 pub fn refusal(settings: &FitSettings, device: Device, world: usize) -> Option<String> {
     if !BUILT {
-        return Some("--cuda-graphs on: this trainer was built without CUDA graphs (it needs a torch wheel with CUDA and the CUDA headers scripts/setup installs)".into());
+        return Some(format!(
+            "--cuda-graphs on: this trainer was built without CUDA graphs (it needs {NEEDS})"
+        ));
     }
     if !device.is_cuda() {
         return Some(format!(

@@ -293,7 +293,10 @@ fn optimizer_step(
             let _ = tch::no_grad(|| loss_acc.shallow_clone().g_add_(&sum));
             sum
         }
-        None => eager_step(lp, model, plan, (epoch, step), inputs, scaler, loss_acc)?,
+        None => {
+            let at = (step, start, each, frozen);
+            eager_step(lp, model, plan, at, inputs, scaler, loss_acc)?
+        }
     };
     if let (Some(decay), Some((shadow, _))) =
         (settings.recipe.ema_decay(model.adam.step), &model.shadow)
@@ -303,22 +306,21 @@ fn optimizer_step(
     Ok((sum, each * settings.accumulate))
 }
 
-/// This rank's micro-batches of step `step`, eagerly: gradients accumulated over them (the
-/// reducer, with several ranks, averaging them in the last backward pass), then the update.
-/// Each micro-batch's summed loss is added to `loss_acc`; returns theirs (detached).
+/// This rank's micro-batches of step `step` (the global batch from image `start`, `each` images a
+/// micro-batch), eagerly: gradients accumulated over them (the reducer, with several ranks,
+/// averaging them in the last backward pass), then the update. Each micro-batch's summed loss is
+/// added to `loss_acc`; returns theirs (detached).
 fn eager_step(
     lp: &Loop,
     model: &mut Model,
     plan: &EpochPlan,
-    (epoch, step): (usize, usize),
+    (step, start, each, frozen): (usize, usize, usize, bool),
     inputs: &mut StaticInputs,
     scaler: &mut amp::LossScaler,
     loss_acc: &Tensor,
 ) -> Result<Tensor> {
     let settings = lp.settings;
     let rank = lp.ddp.map_or(0, |d| d.rank());
-    let start = step * settings.batch_size;
-    let each = settings.batch_size.min(plan.images - start) / lp.parts;
     model.adam.zero_grad();
     let sum = Tensor::zeros([], (Kind::Float, lp.device));
     for k in 0..settings.accumulate {
@@ -327,7 +329,7 @@ fn eager_step(
             tch::manual_seed(micro_seed(plan.seed, step, lp.parts, part));
         }
         let at = (start + part * each) as i64;
-        let ctx = (&plan.order, plan.params.as_ref(), at, each, epoch);
+        let ctx = (&plan.order, plan.params.as_ref(), at, each, frozen);
         let loss = micro_step(lp, model, inputs, ctx)?;
         if settings.precision == Precision::Fp16 {
             scaler
@@ -369,21 +371,20 @@ fn exchange_failed(ddp: Option<&super::ddp::Ddp>, e: tch::TchError) -> anyhow::E
 }
 
 /// One micro-batch's forward pass and mean loss (the reducer armed for its backward pass).
-/// `(order, params, at, len, epoch)`: the micro-batch's images `at..at + len` of the epoch's
-/// order, with their augmentation parameters.
-type MicroBatch<'a> = (&'a Tensor, Option<&'a Tensor>, i64, usize, usize);
+/// `(order, params, at, len, frozen)`: the micro-batch's images `at..at + len` of the epoch's
+/// order, with their augmentation parameters, and whether the backbone is frozen.
+type MicroBatch<'a> = (&'a Tensor, Option<&'a Tensor>, i64, usize, bool);
 
 fn micro_step(
     lp: &Loop,
     model: &Model,
     inputs: &mut StaticInputs,
-    (order, params, at, len, epoch): MicroBatch,
+    (order, params, at, len, frozen): MicroBatch,
 ) -> Result<Tensor> {
     // A full micro-batch reads its indices and augmentation parameters from buffers at fixed
     // addresses, filled by a copy (what a captured CUDA graph replays from); a partial one runs
     // eagerly from slices.
     let (ids, batch_params) = inputs.fill(order, params, at, len as i64);
-    let frozen = epoch <= lp.settings.recipe.freeze_backbone_epochs;
     let loss = batch_loss(lp, &model.net, &ids, batch_params.as_ref(), frozen);
     if let Some(d) = lp.ddp {
         d.before_backward()?;
