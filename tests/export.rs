@@ -24,11 +24,7 @@ fn export_and_check(weights: &Path, dir: &Path, expected: Option<&Path>) -> serd
     let (onnx, pt) = (dir.join("model.onnx"), dir.join("model.pt"));
     for (format, path) in [("onnx", &onnx), ("torchscript", &pt)] {
         let out = export(weights, format, path);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::succeeded(&out);
     }
     let mut cmd = std::process::Command::new(common::torch_python());
     cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check_export.py"))
@@ -103,11 +99,7 @@ fn a_checkpoint_written_by_fit_exports_with_its_own_probabilities() {
         .arg(&data)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     let ckpt = dir.path().join("runs/r/best.ckpt");
     // The checkpoint's own probabilities on the oracle inputs, as infer computes them.
     let model = LoadedModel::load(&ckpt, Device::Cpu).unwrap();

@@ -662,22 +662,6 @@ fn stop_during_a_retry_wait(signal: &str) -> Option<i32> {
     output.status.code()
 }
 
-/// The records of a CSV file as Python's `csv` module reads them.
-fn python_csv(path: &Path) -> Vec<Vec<String>> {
-    let script = "import csv, json, sys\nwith open(sys.argv[1], newline='') as f:\n    print(json.dumps(list(csv.reader(f))))";
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn server_strings_in_fetch_csv_are_quoted_and_neutralised() {
     let hostile_tags = [
@@ -694,7 +678,7 @@ fn server_strings_in_fetch_csv_are_quoted_and_neutralised() {
     let (ok, stderr) = fetch(&server, &out, &args);
     assert!(ok, "{stderr}");
     assert_eq!(common::file_names(&out.join("hostile")), ["-2.jpg"]);
-    let rows = python_csv(&out.join("fetch.csv"));
+    let rows = common::python_csv(&out.join("fetch.csv"));
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(
         rows[0],

@@ -18,11 +18,7 @@ fn oracle(dir: &Path) -> Vec<Vec<String>> {
         .env("OPENCV_LOG_LEVEL", "ERROR")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     std::fs::read_to_string(dir.join("manifest.tsv"))
         .unwrap()
         .lines()

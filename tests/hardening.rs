@@ -65,8 +65,7 @@ fn decompression_bombs_are_skipped_by_path_and_the_job_goes_on() {
     std::fs::copy(a_jpeg(), book.join("good.jpg")).unwrap();
     std::fs::write(book.join("bomb.jpg"), jpeg_bomb(65000, 65000)).unwrap();
     let out = infer(dir.path(), &keras_model(), &dir.path().join("in"), &[]);
-    let err = common::stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let err = common::ok(out);
     assert!(
         err.contains("bomb.jpg") && err.contains("65000x65000"),
         "{err}"
@@ -105,8 +104,7 @@ fn broken_links_loops_and_pipes_are_reported_by_path() {
         .unwrap()
         .success());
     let out = infer(dir.path(), &keras_model(), &dir.path().join("in"), &[]);
-    let err = common::stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let err = common::ok(out);
     for name in ["dangling.jpg", "loop_a.jpg", "loop_b.jpg"] {
         let line = err
             .lines()
@@ -145,8 +143,7 @@ fn broken_links_loops_and_pipes_are_reported_by_path() {
             "eval",
         ],
     );
-    let err = common::stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let err = common::ok(out);
     assert!(
         err.contains("stamp/dangling.jpg: not a readable image (broken or looping symbolic link"),
         "{err}"
@@ -219,7 +216,7 @@ fn edited_checkpoint_metadata_is_refused_with_the_field_name() {
     let good = dir.path().join("good.ckpt");
     checkpoint_with(&good, |_| {}, |_| {});
     let out = infer(dir.path(), &good, &input, &[]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    common::succeeded(&out);
 
     type Edit = Box<dyn FnOnce(&mut CheckpointMeta)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
@@ -402,7 +399,7 @@ fn weights_locked_by_a_writer_are_refused_with_what_to_do() {
         .args(["--output", "out"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    common::succeeded(&out);
     drop(writer);
 }
 
@@ -541,8 +538,7 @@ fn run_folders_survive_kills_full_disks_and_concurrent_runs() {
         dir.path(),
         &["--resume", "runs/r", "--epochs", "2", "--weights-dir", "w2"],
     );
-    let err = common::stderr(&out);
-    assert!(out.status.success(), "{err}");
+    common::succeeded(&out);
     assert_eq!(rows(&run_dir), ["1", "2"]);
     assert!(!run_dir.join(".last.ckpt.Xy12ab.tmp").exists());
     assert!(

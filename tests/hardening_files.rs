@@ -355,7 +355,7 @@ fn fit_follows_no_planted_link_and_clears_only_dead_writers_temporaries() {
     assert_eq!(live_tmps.len(), 3, "{live_tmps:?}");
 
     let out = fit(dir, &cache, &[]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    common::succeeded(&out);
     let left = temporaries(&weights);
     kill(live_h5);
     kill(live);

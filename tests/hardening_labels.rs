@@ -70,14 +70,7 @@ fn refused(out: Output) -> String {
 /// The records of a CSV file as Python's `csv` module reads them; each must have the header's
 /// field count, `fields` of them.
 fn python_rows(path: &Path, fields: usize) -> Vec<Vec<String>> {
-    let script = "import csv, json, sys\nwith open(sys.argv[1], newline='') as f:\n    print(json.dumps(list(csv.reader(f))))";
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    let rows: Vec<Vec<String>> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = common::python_csv(path);
     assert!(!rows.is_empty(), "{}", path.display());
     for row in &rows {
         assert_eq!(row.len(), fields, "{}: {row:?}", path.display());

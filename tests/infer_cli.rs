@@ -348,8 +348,7 @@ fn bf16_is_opt_in_and_gives_probabilities_close_to_fp32() {
             .arg(dir.path().join(precision))
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{err}");
+        let err = common::ok(out);
         assert!(err.contains(&format!(", {precision}")), "{err}");
     };
     run("fp32");

@@ -139,11 +139,7 @@ fn every_recipe_option_resumes_exactly_and_shows_in_the_run() {
         .args(["--output", "tags"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     assert!(dir.path().join("tags/stamp.json").is_file());
 
     // A resume keeps the run's recipe.

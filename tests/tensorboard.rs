@@ -16,11 +16,7 @@ fn read_back(run_dir: &Path) -> Value {
         .arg(run_dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -195,8 +191,7 @@ fn a_fit_run_resumed_writes_every_scalar_of_its_results_csv_for_tensorboard() {
             .args(args)
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{err}");
+        common::succeeded(&out);
     };
     // 36 images, a few held out: the rest in 3 steps of 12 and what remains.
     let first = [

@@ -63,11 +63,27 @@ pub fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Asserts that the command succeeded (else shows its standard error).
+pub fn succeeded(out: &std::process::Output) {
+    assert!(out.status.success(), "the command failed:\n{}", stderr(out));
+}
+
 /// Asserts that the command succeeded (else shows its standard error); returns its standard error.
 pub fn ok(out: std::process::Output) -> String {
-    let err = stderr(&out);
-    assert!(out.status.success(), "the command failed:\n{err}");
-    err
+    succeeded(&out);
+    stderr(&out)
+}
+
+/// The records of a CSV file as Python's `csv` module reads them.
+pub fn python_csv(path: &std::path::Path) -> Vec<Vec<String>> {
+    let script = "import csv, json, sys\nwith open(sys.argv[1], newline='') as f:\n    print(json.dumps(list(csv.reader(f))))";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    succeeded(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The rows of a run's `results.csv` split into fields; the header is the first row.
